@@ -1,0 +1,47 @@
+"""Checks on the arrays users hand to fastopt. Every check runs before any buffer is touched
+and raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong shape,
+layout, writability or aliasing) with a message that names the offending argument."""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_param(p, where: str) -> None:
+    """A parameter: a float32/float64, C-contiguous, writable NumPy array."""
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{where} must be a NumPy array (float32 or float64), got {type(p).__name__}")
+    if p.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where} has dtype {p.dtype}; fastopt updates float32 and float64 arrays")
+    if not p.flags.c_contiguous:
+        raise ValueError(f"{where} is not C-contiguous; pass np.ascontiguousarray(...) and keep that array")
+    if not p.flags.writeable:
+        raise ValueError(f"{where} is read-only; fastopt updates parameters in place")
+
+
+def check_no_overlap(arrays, names) -> None:
+    """No two arrays share memory (a parameter passed twice, or overlapping views)."""
+    spans = sorted(
+        (a.__array_interface__["data"][0], a.__array_interface__["data"][0] + a.nbytes, name)
+        for a, name in zip(arrays, names)
+        if a.nbytes
+    )
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{name} and {other} share memory; each parameter must be its own buffer")
+
+
+def check_grad(g, p, where: str) -> None:
+    """A gradient for parameter ``p``: same dtype and shape, C-contiguous, not ``p`` itself."""
+    if type(g) is not np.ndarray and not isinstance(g, np.ndarray):
+        raise TypeError(f"{where} must be a NumPy array like its parameter, got {type(g).__name__}")
+    if g.dtype is not p.dtype and g.dtype != p.dtype:
+        raise TypeError(f"{where} has dtype {g.dtype} but its parameter has dtype {p.dtype}")
+    if g.shape != p.shape:
+        raise ValueError(f"{where} has shape {g.shape} but its parameter has shape {p.shape}")
+    if not g.flags.c_contiguous:
+        raise ValueError(f"{where} is not C-contiguous")
+    if g.size and np.may_share_memory(g, p):
+        raise ValueError(f"{where} shares memory with its parameter; pass a separate gradient buffer")

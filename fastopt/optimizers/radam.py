@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from ..kernels import radam as _kernel
+from ..optimizer import Optimizer
+
+
+class RAdam(Optimizer):
+    r"""RAdam, rectified Adam (Liu et al., 2020).
+
+    While the variance of the adaptive rate is intractable (:math:`\rho_t \le 5`) the step is
+    SGD with momentum, :math:`\theta_t = \theta_{t-1} - \eta\,m_t / (1 - \beta_1^t)`; after it,
+    Adam's step scaled by the rectification :math:`r_t`. Same options and numbers as
+    ``torch.optim.RAdam``; the full rule is in :mod:`fastopt.kernels.radam`.
+
+    Parameters
+    ----------
+    params : array, sequence of arrays, or sequence of group dicts
+    lr : float or callable ``step -> lr``
+    betas : (float, float)
+    eps : float
+    weight_decay : float
+    decoupled_weight_decay : bool, AdamW-style decay
+    maximize : bool
+    """
+
+    kernel = _kernel
+
+    def __init__(self, params, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decoupled_weight_decay=False, maximize=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)

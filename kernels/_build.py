@@ -1,0 +1,156 @@
+"""Build the loops of every update rule from its one element function.
+
+An update rule's math lives in one place: an *element function* of scalars,
+
+    element(p, g, s_1, ..., s_k, c_1, ..., c_m) -> (p', s_1', ..., s_k')
+
+where ``p`` is a parameter, ``g`` its (already scaled) gradient, ``s_j`` the rule's state
+buffers at that element and ``c_j`` the per-step scalars the host computed in float64 and
+cast to the buffer's dtype (learning rate, bias corrections, ...). Element functions use no
+numeric literals: a Python ``1`` or ``0.5`` is a float64 to Numba and would promote float32
+math to float64; every constant arrives as one of the ``c_j``.
+
+This module turns a :class:`Rule` into loops by generating their source from a template:
+
+- the CPU kernel, ``kernel(param, grad, *states, bounds, table)``, compiled twice from the
+  same source: ``parallel=True`` (a ``prange`` over fixed chunks of ``CHUNK`` elements) and
+  serial (the same loop, run by one thread, for small buffers);
+- the CUDA kernel (``kernels.cuda``), a grid-stride loop over the same element function.
+
+``bounds`` (int64, ``nseg + 1`` offsets, ``bounds[0] == 0``, ``bounds[-1] == param.size``)
+cuts the flat buffer into segments and ``table`` (``nseg x ncols``, the buffer's dtype) holds
+one row of scalars per segment: column 0 is the gradient scale (-1 for ``maximize``, times a
+clip factor), the rule's scalars follow. A plain array is one segment; a flat buffer of
+many tensors in several param groups is still one launch.
+
+The generated source is compiled under this file's name, so Numba's on-disk cache works for
+it; the function name carries a hash of the rule's source file and the template, so editing
+either never loads a stale cache entry.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import _config
+
+#: Columns every table starts with, before the rule's own scalars.
+GENERIC_COLUMNS = ("grad_scale",)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One compiled variant of an update rule.
+
+    Parameters
+    ----------
+    name:
+        Unique identifier, used in kernel names (``"adam_amsgrad"``).
+    element:
+        The element function (see the module docstring).
+    state:
+        Names of the state buffers, in the element function's order.
+    scalars:
+        Names of the per-step scalars, in the element function's order.
+    """
+
+    name: str
+    element: Callable = field(repr=False)
+    state: tuple[str, ...]
+    scalars: tuple[str, ...]
+
+    @property
+    def ncols(self) -> int:
+        return len(GENERIC_COLUMNS) + len(self.scalars)
+
+
+_CPU_TEMPLATE = '''
+def {fname}(param, grad, {state_args}bounds, table):
+    n = param.size
+    nchunks = (n + CHUNK - 1) // CHUNK
+    for c in prange(nchunks):
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, n)
+        s = np.searchsorted(bounds, lo, side="right") - 1
+        while lo < hi:
+            end = min(bounds[s + 1], hi)
+            grad_scale = table[s, 0]
+{unpack}
+            for i in range(lo, end):
+                {outputs} = element(param[i], grad[i] * grad_scale, {state_loads}{scalar_args})
+            lo = end
+            s += 1
+'''
+
+
+def _source_hash(rule: Rule, template: str) -> str:
+    h = hashlib.sha256(template.encode())
+    h.update(repr((rule.name, rule.state, rule.scalars)).encode())
+    try:
+        with open(inspect.getsourcefile(rule.element), "rb") as f:
+            h.update(f.read())
+    except (OSError, TypeError):  # no source file (interactive): hash the bytecode
+        h.update(rule.element.__code__.co_code)
+    return h.hexdigest()[:10]
+
+
+def render(rule: Rule, template: str, fname: str) -> str:
+    """The source of one loop over ``rule``'s element function."""
+    indent = " " * 12
+    unpack = "\n".join(
+        f"{indent}{name} = table[s, {j + len(GENERIC_COLUMNS)}]" for j, name in enumerate(rule.scalars)
+    )
+    return template.format(
+        fname=fname,
+        state_args="".join(f"{s}, " for s in rule.state),
+        unpack=unpack,
+        outputs=", ".join(["param[i]"] + [f"{s}[i]" for s in rule.state]),
+        state_loads="".join(f"{s}[i], " for s in rule.state),
+        scalar_args=", ".join(rule.scalars),
+    )
+
+
+def compile_source(source: str, fname: str, namespace: dict) -> Callable:
+    """Execute generated source as if it were part of this file, return ``fname``.
+
+    Compiling under this file's path and module name is what lets Numba cache the result
+    (its cache locator needs a real source file) and reload it in a later process.
+    """
+    namespace = dict(namespace, __name__=__name__)
+    exec(compile(source, __file__, "exec"), namespace)
+    return namespace[fname]
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_kernel(rule: Rule, parallel: bool):
+    """The compiled CPU kernel for ``rule`` (lazily specialised per dtype by Numba)."""
+    from numba import njit, prange
+
+    fname = f"{rule.name}_{'parallel' if parallel else 'serial'}_{_source_hash(rule, _CPU_TEMPLATE)}"
+    element = njit(inline="always", fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL)(
+        rule.element
+    )
+    py_func = compile_source(
+        render(rule, _CPU_TEMPLATE, fname),
+        fname,
+        {"np": np, "prange": prange, "element": element, "CHUNK": _config.CHUNK},
+    )
+    return njit(
+        parallel=parallel,
+        cache=_config.cache_enabled(),
+        fastmath=_config.FASTMATH,
+        error_model=_config.ERROR_MODEL,
+        nogil=True,
+    )(py_func)
+
+
+def run_cpu(rule: Rule, param, grad, states, bounds, table) -> None:
+    """Run ``rule`` over flat NumPy buffers; serial below ``SERIAL_THRESHOLD`` elements."""
+    kernel = cpu_kernel(rule, param.size >= _config.SERIAL_THRESHOLD)
+    kernel(param, grad, *states, bounds, table)

@@ -1,0 +1,63 @@
+"""Every compile setting of fastopt's kernels, in one place.
+
+Kernels are compiled lazily, once per rule variant, target and dtype. The settings here apply
+to all of them:
+
+- ``FASTMATH``: a safe subset of LLVM's fast-math flags. Never ``fastmath=True``: it adds
+  ``nnan``/``ninf``, which let LLVM assume gradients hold no NaN or inf and would break every
+  NaN/inf check built on the kernels.
+- ``ERROR_MODEL``: ``"numpy"``, so division does not test for zero and raise
+  (``"python"`` puts a branch in the loop that stops it vectorizing).
+- ``CHUNK``: elements per parallel work item. A fixed chunking (not one per thread) keeps the
+  work split independent of the thread count.
+- ``SERIAL_THRESHOLD``: below this many elements the serial kernel runs; a ``prange`` launch
+  costs microseconds that a small update cannot win back (measured in ``bench/``).
+- ``cache_enabled()``: ``cache=True`` where Numba can write a cache; otherwise kernels still
+  compile, without the on-disk cache, and a warning says why.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+ERROR_MODEL = "numpy"
+CHUNK = 1 << 16
+SERIAL_THRESHOLD = int(os.environ.get("FASTOPT_SERIAL_THRESHOLD", 1 << 15))
+
+_cache_ok: bool | None = None
+
+
+def cache_enabled() -> bool:
+    """Whether kernels are compiled with ``cache=True``.
+
+    Numba raises at decoration time when no cache directory is writable; we probe once with
+    a throw-away function and fall back to uncached compilation with a warning.
+    ``FASTOPT_NO_CACHE=1`` turns the cache off.
+    """
+    global _cache_ok
+    if _cache_ok is None:
+        if os.environ.get("FASTOPT_NO_CACHE", "") not in ("", "0"):
+            _cache_ok = False
+        else:
+            _cache_ok = _probe_cache()
+    return _cache_ok
+
+
+def _probe_cache() -> bool:
+    from numba import njit
+
+    from . import _cache_probe
+
+    try:
+        njit(cache=True)(_cache_probe.probe)
+    except Exception as exc:  # numba raises RuntimeError, but a broken FS can raise others
+        warnings.warn(
+            f"fastopt: Numba cannot write its kernel cache ({exc}); kernels will be "
+            "compiled in every process. Set NUMBA_CACHE_DIR to a writable directory to fix.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
