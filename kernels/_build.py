@@ -110,7 +110,7 @@ def render(rule: Rule, template: str, fname: str) -> str:
         fname=fname,
         state_args="".join(f"{s}, " for s in rule.state),
         unpack=unpack,
-        outputs=", ".join(["param[i]"] + [f"{s}[i]" for s in rule.state]),
+        outputs="".join(f"{name}[i], " for name in ("param",) + rule.state).rstrip(" "),
         state_loads="".join(f"{s}[i], " for s in rule.state),
         scalar_args=", ".join(rule.scalars),
     )
