@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .kernels import _build
+from .kernels import _build, _config
 from .kernels import _hyper as H
 from ._validation import check_grad, check_no_overlap, check_param
 
@@ -50,27 +50,69 @@ class _Slot:
                 self.buffers[name] = buf
                 self.flat_buffers[name] = buf.reshape(-1)
 
-    def state_args(self, rule: _build.Rule) -> tuple:
+    def run(self, rule: _build.Rule, grad: np.ndarray) -> None:
+        """One fused update of this parameter by ``rule`` (kernel and arguments cached)."""
         if rule is not self._args_rule:
-            self._args = tuple(self.flat_buffers[name] for name in rule.state)
+            kernel = _build.cpu_kernel(rule, self.param.size >= _config.SERIAL_THRESHOLD)
+            self._args = (kernel, tuple(self.flat_buffers[name] for name in rule.state))
             self._args_rule = rule
-        return self._args
+        kernel, states = self._args
+        kernel(self.flat, grad.reshape(-1), *states, self.bounds, self.table)
+
+
+class ParamGroup(dict):
+    """A param group: a plain dict that notes when it is edited, so that a step re-validates
+    its hyper-parameters only after a change (``opt.param_groups[0]["lr"] = 0.1``)."""
+
+    __slots__ = ("edited",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.edited = True
+
+    def __setitem__(self, key, value):
+        self.edited = True
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.edited = True
+        super().__delitem__(key)
+
+    def update(self, *args, **kwargs):
+        self.edited = True
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self.edited = True
+        return super().setdefault(key, default)
+
+    def pop(self, *args):
+        self.edited = True
+        return super().pop(*args)
+
+    def popitem(self):
+        self.edited = True
+        return super().popitem()
+
+    def clear(self):
+        self.edited = True
+        super().clear()
 
 
 class _GroupCache:
     """The validated hyper-parameters of a group, recomputed only when the user edits it."""
 
-    __slots__ = ("signature", "hp")
+    __slots__ = ("group", "signature", "hp", "schedule")
 
     def __init__(self):
+        self.group = None
         self.signature = None
         self.hp: dict = {}
+        self.schedule = None
 
 
 def _check_lr_value(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"Invalid learning rate: {value!r} (must be a finite number >= 0)")
-    return float(value)
+    return H.learning_rate("lr", value)
 
 
 class Optimizer:
@@ -115,7 +157,7 @@ class Optimizer:
                 slot = _Slot(p, gi, len(self._slots), self._ncols)
                 self._slots.append(slot)
                 slots.append(slot)
-            self.param_groups.append({"params": list(arrays), **group})
+            self.param_groups.append(ParamGroup({"params": list(arrays), **group}))
             self._group_slots.append(slots)
         if not self._slots:
             raise ValueError("optimizer got an empty parameter list")
@@ -153,18 +195,29 @@ class Optimizer:
         """The validated hyper-parameters of group ``gi`` for the coming step (lr evaluated)."""
         group = self.param_groups[gi]
         cache = self._caches[gi]
-        signature = tuple(group[k] for k in self.kernel.CHECKS)
+        if group is not cache.group or getattr(group, "edited", True):
+            self._revalidate(gi, group, cache)
+        hp = cache.hp
+        if cache.schedule is not None:
+            hp["lr"] = _check_lr_value(cache.schedule(self._step_count))
+        return hp
+
+    def _revalidate(self, gi: int, group: dict, cache: _GroupCache) -> None:
+        try:
+            signature = tuple(group[k] for k in self.kernel.CHECKS)
+        except KeyError as exc:
+            raise ValueError(f"param group {gi} has no {exc.args[0]!r} entry") from None
         if signature != cache.signature:
             unknown = set(group) - set(self.kernel.CHECKS) - {"params"}
             if unknown:
                 raise TypeError(f"param group {gi} has unknown option(s) {', '.join(sorted(unknown))}")
             cache.hp = self._check_hyper({k: group[k] for k in self.kernel.CHECKS}, f"param group {gi}: ")
             cache.signature = signature
-        hp = cache.hp
-        lr = group["lr"]
-        if callable(lr):
-            hp["lr"] = _check_lr_value(lr(self._step_count))
-        return hp
+            lr = group["lr"]
+            cache.schedule = lr if callable(lr) else None
+        cache.group = group
+        if isinstance(group, ParamGroup):
+            group.edited = False
 
     # -- structure ----------------------------------------------------------------------
     @staticmethod
@@ -228,19 +281,18 @@ class Optimizer:
         """
         grads = self._match_grads(grads)
         hps = [self._resolve(gi) for gi in range(len(self.param_groups))]
-        kernel = self.kernel
-        run = _build.run_cpu
+        plan = self.kernel.plan
         for slot, g in zip(self._slots, grads):
             if g is None:
                 continue
             hp = hps[slot.group]
-            rule, scalars = kernel.plan(hp, slot.step + 1, slot.host)
+            rule, scalars = plan(hp, slot.step + 1, slot.host)
             if rule.state and rule.state[-1] not in slot.buffers:  # an option was switched on
-                slot.ensure_buffers(kernel.buffers(hp))
+                slot.ensure_buffers(self.kernel.buffers(hp))
             table = slot.table
             table[0, 0] = -1.0 if hp["maximize"] else 1.0
             table[0, 1 : len(scalars) + 1] = scalars
-            run(rule, slot.flat, g.reshape(-1), slot.state_args(rule), slot.bounds, table)
+            slot.run(rule, g)
             slot.step += 1
         self._step_count += 1
 
@@ -282,7 +334,6 @@ class Optimizer:
         plan = self._check_state_dict(state_dict)
         for gi, new_group in plan["groups"]:
             self.param_groups[gi].update(new_group)
-            self._caches[gi].signature = None
         for slot, step, host, buffers in plan["slots"]:
             slot.step = step
             slot.host = host

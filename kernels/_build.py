@@ -44,7 +44,7 @@ from . import _config
 GENERIC_COLUMNS = ("grad_scale",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality and hash: rules are singletons, looked up per step
 class Rule:
     """One compiled variant of an update rule.
 
@@ -82,9 +82,9 @@ def {fname}(param, grad, {state_args}bounds, table):
             end = min(bounds[s + 1], hi)
             grad_scale = table[s, 0]
 {unpack}
-            for i in range(lo, end):
+            for i in range(np.uint64(lo), np.uint64(end)):  # unsigned: no negative-index wraparound,
                 {outputs} = element(param[i], grad[i] * grad_scale, {state_loads}{scalar_args})
-            lo = end
+            lo = end  # which would keep LLVM from vectorizing the loop
             s += 1
 '''
 
@@ -130,6 +130,12 @@ def compile_source(source: str, fname: str, namespace: dict) -> Callable:
 @functools.lru_cache(maxsize=None)
 def cpu_kernel(rule: Rule, parallel: bool):
     """The compiled CPU kernel for ``rule`` (lazily specialised per dtype by Numba)."""
+    return build_cpu_kernel(rule, parallel, _config.cache_enabled())
+
+
+def build_cpu_kernel(rule: Rule, parallel: bool, cache: bool):
+    """A new dispatcher for ``rule``'s CPU loop. ``cache=False`` gives one whose LLVM IR and
+    assembly can be inspected (Numba cannot inspect code loaded from its cache)."""
     from numba import njit, prange
 
     fname = f"{rule.name}_{'parallel' if parallel else 'serial'}_{_source_hash(rule, _CPU_TEMPLATE)}"
@@ -143,14 +149,20 @@ def cpu_kernel(rule: Rule, parallel: bool):
     )
     return njit(
         parallel=parallel,
-        cache=_config.cache_enabled(),
+        cache=cache,
         fastmath=_config.FASTMATH,
         error_model=_config.ERROR_MODEL,
         nogil=True,
     )(py_func)
 
 
+_compiled: dict = {}
+
+
 def run_cpu(rule: Rule, param, grad, states, bounds, table) -> None:
     """Run ``rule`` over flat NumPy buffers; serial below ``SERIAL_THRESHOLD`` elements."""
-    kernel = cpu_kernel(rule, param.size >= _config.SERIAL_THRESHOLD)
+    key = (rule, param.size >= _config.SERIAL_THRESHOLD)
+    kernel = _compiled.get(key)
+    if kernel is None:
+        kernel = _compiled[key] = cpu_kernel(*key)
     kernel(param, grad, *states, bounds, table)

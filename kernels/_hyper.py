@@ -23,6 +23,16 @@ def nonneg(name: str, value) -> float:
     return value
 
 
+def learning_rate(name: str, value) -> float:
+    """A learning rate: finite and >= 0 (a schedule's value is checked with this each step)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number or a callable step -> lr, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"Invalid learning rate: {value} (must be a finite number >= 0)")
+    return value
+
+
 def unit_open(name: str, value) -> float:
     """A decay rate in [0, 1)."""
     value = _real(name, value)

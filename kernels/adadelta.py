@@ -34,7 +34,7 @@ ADADELTA = Rule("adadelta", adadelta_element, ("square_avg", "acc_delta"),
 RULES = (ADADELTA,)
 
 DEFAULTS = {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, "maximize": False}
-CHECKS = {"lr": H.nonneg, "rho": H.unit_closed, "eps": H.nonneg, "weight_decay": H.nonneg,
+CHECKS = {"lr": H.learning_rate, "rho": H.unit_closed, "eps": H.nonneg, "weight_decay": H.nonneg,
           "maximize": H.flag}
 
 

@@ -34,7 +34,7 @@ RULES = (ADAGRAD,)
 
 DEFAULTS = {"lr": 1e-2, "lr_decay": 0.0, "weight_decay": 0.0, "initial_accumulator_value": 0.0,
             "eps": 1e-10, "eps_inside_sqrt": False, "maximize": False}
-CHECKS = {"lr": H.nonneg, "lr_decay": H.nonneg, "weight_decay": H.nonneg,
+CHECKS = {"lr": H.learning_rate, "lr_decay": H.nonneg, "weight_decay": H.nonneg,
           "initial_accumulator_value": H.nonneg, "eps": H.nonneg, "eps_inside_sqrt": H.flag,
           "maximize": H.flag}
 

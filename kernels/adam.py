@@ -29,29 +29,29 @@ import math
 from . import _hyper as H
 from ._build import Rule
 
-SCALARS = ("step_size", "bias_correction2_sqrt", "eps", "one_minus_beta1", "beta2",
+SCALARS = ("step_size", "inv_bias_correction2_sqrt", "eps", "one_minus_beta1", "beta2",
            "one_minus_beta2", "l2", "decay")
 
 
-def adam_element(p, g, m, v, step_size, bias_correction2_sqrt, eps, one_minus_beta1, beta2,
+def adam_element(p, g, m, v, step_size, inv_bias_correction2_sqrt, eps, one_minus_beta1, beta2,
                  one_minus_beta2, l2, decay):
     g = g + l2 * p
     p = p * decay
     m = m + one_minus_beta1 * (g - m)
     v = beta2 * v + one_minus_beta2 * g * g
-    denom = math.sqrt(v) / bias_correction2_sqrt + eps
+    denom = math.sqrt(v) * inv_bias_correction2_sqrt + eps
     p = p - step_size * (m / denom)
     return p, m, v
 
 
-def amsgrad_element(p, g, m, v, vmax, step_size, bias_correction2_sqrt, eps, one_minus_beta1,
+def amsgrad_element(p, g, m, v, vmax, step_size, inv_bias_correction2_sqrt, eps, one_minus_beta1,
                     beta2, one_minus_beta2, l2, decay):
     g = g + l2 * p
     p = p * decay
     m = m + one_minus_beta1 * (g - m)
     v = beta2 * v + one_minus_beta2 * g * g
     vmax = vmax if (vmax > v or vmax != vmax) else v  # max that propagates NaN, like torch
-    denom = math.sqrt(vmax) / bias_correction2_sqrt + eps
+    denom = math.sqrt(vmax) * inv_bias_correction2_sqrt + eps
     p = p - step_size * (m / denom)
     return p, m, v, vmax
 
@@ -62,7 +62,7 @@ RULES = (ADAM, AMSGRAD)
 
 DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
             "amsgrad": False, "decoupled_weight_decay": False, "maximize": False}
-CHECKS = {"lr": H.nonneg, "betas": H.betas, "eps": H.nonneg, "weight_decay": H.nonneg,
+CHECKS = {"lr": H.learning_rate, "betas": H.betas, "eps": H.nonneg, "weight_decay": H.nonneg,
           "amsgrad": H.flag, "decoupled_weight_decay": H.flag, "maximize": H.flag}
 
 
@@ -79,7 +79,7 @@ def plan(hp: dict, step: int, host: dict):
     decoupled = hp["decoupled_weight_decay"]
     scalars = (
         lr / (1.0 - beta1**step),
-        math.sqrt(1.0 - beta2**step),
+        1.0 / math.sqrt(1.0 - beta2**step),
         hp["eps"],
         1.0 - beta1,
         beta2,

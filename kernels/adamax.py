@@ -32,7 +32,7 @@ ADAMAX = Rule("adamax", adamax_element, ("exp_avg", "exp_inf"),
 RULES = (ADAMAX,)
 
 DEFAULTS = {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "maximize": False}
-CHECKS = {"lr": H.nonneg, "betas": H.betas, "eps": H.nonneg, "weight_decay": H.nonneg,
+CHECKS = {"lr": H.learning_rate, "betas": H.betas, "eps": H.nonneg, "weight_decay": H.nonneg,
           "maximize": H.flag}
 
 

@@ -27,25 +27,25 @@ from ._build import Rule
 
 
 def nadam_element(p, g, m, v, l2, decay, one_minus_beta1, beta2, one_minus_beta2,
-                  bias_correction2, eps, grad_coef, exp_avg_coef):
+                  inv_bias_correction2, eps, grad_coef, exp_avg_coef):
     g = g + l2 * p
     p = p * decay
     m = m + one_minus_beta1 * (g - m)
     v = beta2 * v + one_minus_beta2 * g * g
-    denom = math.sqrt(v / bias_correction2) + eps
+    denom = math.sqrt(v * inv_bias_correction2) + eps
     p = p + grad_coef * (g / denom)
     p = p + exp_avg_coef * (m / denom)
     return p, m, v
 
 
 NADAM = Rule("nadam", nadam_element, ("exp_avg", "exp_avg_sq"),
-             ("l2", "decay", "one_minus_beta1", "beta2", "one_minus_beta2", "bias_correction2",
+             ("l2", "decay", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction2",
               "eps", "grad_coef", "exp_avg_coef"))
 RULES = (NADAM,)
 
 DEFAULTS = {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
             "momentum_decay": 4e-3, "decoupled_weight_decay": False, "maximize": False}
-CHECKS = {"lr": H.nonneg, "betas": H.betas, "eps": H.nonneg, "weight_decay": H.nonneg,
+CHECKS = {"lr": H.learning_rate, "betas": H.betas, "eps": H.nonneg, "weight_decay": H.nonneg,
           "momentum_decay": H.nonneg, "decoupled_weight_decay": H.flag, "maximize": H.flag}
 
 
@@ -72,7 +72,7 @@ def plan(hp: dict, step: int, host: dict):
         1.0 - beta1,
         beta2,
         1.0 - beta2,
-        1.0 - beta2**step,
+        1.0 / (1.0 - beta2**step),
         hp["eps"],
         -lr * (1.0 - mu) / (1.0 - mu_product),
         -lr * mu_next / (1.0 - mu_product * mu_next),

@@ -25,36 +25,32 @@ import math
 from . import _hyper as H
 from ._build import Rule
 
-SCALARS = ("l2", "decay", "one_minus_beta1", "beta2", "one_minus_beta2", "bias_correction1", "lr")
+SCALARS = ("l2", "decay", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size")
 
 
-def radam_momentum_element(p, g, m, v, l2, decay, one_minus_beta1, beta2, one_minus_beta2,
-                           bias_correction1, lr):
+def radam_momentum_element(p, g, m, v, l2, decay, one_minus_beta1, beta2, one_minus_beta2, step_size):
     g = g + l2 * p
     p = p * decay
     m = m + one_minus_beta1 * (g - m)
     v = beta2 * v + one_minus_beta2 * g * g
-    return p - m / bias_correction1 * lr, m, v
+    return p - step_size * m, m, v
 
 
-def radam_adaptive_element(p, g, m, v, l2, decay, one_minus_beta1, beta2, one_minus_beta2,
-                           bias_correction1, lr, bias_correction2_sqrt, eps, rect):
+def radam_adaptive_element(p, g, m, v, l2, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, eps):
     g = g + l2 * p
     p = p * decay
     m = m + one_minus_beta1 * (g - m)
     v = beta2 * v + one_minus_beta2 * g * g
-    adaptive_lr = bias_correction2_sqrt / (math.sqrt(v) + eps)
-    return p - m / bias_correction1 * lr * adaptive_lr * rect, m, v
+    return p - step_size * (m / (math.sqrt(v) + eps)), m, v
 
 
 MOMENTUM_PHASE = Rule("radam_momentum", radam_momentum_element, ("exp_avg", "exp_avg_sq"), SCALARS)
-ADAPTIVE_PHASE = Rule("radam_adaptive", radam_adaptive_element, ("exp_avg", "exp_avg_sq"),
-                      SCALARS + ("bias_correction2_sqrt", "eps", "rect"))
+ADAPTIVE_PHASE = Rule("radam_adaptive", radam_adaptive_element, ("exp_avg", "exp_avg_sq"), SCALARS + ("eps",))
 RULES = (MOMENTUM_PHASE, ADAPTIVE_PHASE)
 
 DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
             "decoupled_weight_decay": False, "maximize": False}
-CHECKS = {"lr": H.nonneg, "betas": H.betas, "eps": H.nonneg, "weight_decay": H.nonneg,
+CHECKS = {"lr": H.learning_rate, "betas": H.betas, "eps": H.nonneg, "weight_decay": H.nonneg,
           "decoupled_weight_decay": H.flag, "maximize": H.flag}
 
 
@@ -67,18 +63,12 @@ def plan(hp: dict, step: int, host: dict):
     beta1, beta2 = hp["betas"]
     decoupled = hp["decoupled_weight_decay"]
     bias_correction2 = 1.0 - beta2**step
-    scalars = (
-        0.0 if decoupled else wd,
-        1.0 - lr * wd if decoupled else 1.0,
-        1.0 - beta1,
-        beta2,
-        1.0 - beta2,
-        1.0 - beta1**step,
-        lr,
-    )
+    bias_correction1 = 1.0 - beta1**step
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
     rho_t = rho_inf - 2.0 * step * beta2**step / bias_correction2
+    scalars = (0.0 if decoupled else wd, 1.0 - lr * wd if decoupled else 1.0, 1.0 - beta1, beta2, 1.0 - beta2)
     if rho_t <= 5.0:
-        return MOMENTUM_PHASE, scalars
+        return MOMENTUM_PHASE, scalars + (lr / bias_correction1,)
     rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-    return ADAPTIVE_PHASE, scalars + (math.sqrt(bias_correction2), hp["eps"], rect)
+    step_size = lr / bias_correction1 * rect * math.sqrt(bias_correction2)
+    return ADAPTIVE_PHASE, scalars + (step_size, hp["eps"])

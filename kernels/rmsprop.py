@@ -73,7 +73,7 @@ RULES = (RMSPROP, CENTERED, MOMENTUM, CENTERED_MOMENTUM)
 
 DEFAULTS = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
             "centered": False, "eps_inside_sqrt": False, "maximize": False}
-CHECKS = {"lr": H.nonneg, "alpha": H.nonneg, "eps": H.nonneg, "weight_decay": H.nonneg,
+CHECKS = {"lr": H.learning_rate, "alpha": H.nonneg, "eps": H.nonneg, "weight_decay": H.nonneg,
           "momentum": H.nonneg, "centered": H.flag, "eps_inside_sqrt": H.flag, "maximize": H.flag}
 
 

@@ -59,7 +59,7 @@ RULES = (SGD, MOMENTUM, NESTEROV)
 
 DEFAULTS = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "nesterov": False,
             "weight_decay": 0.0, "momentum_init": "grad", "maximize": False}
-CHECKS = {"lr": H.nonneg, "momentum": H.nonneg, "dampening": H.unit_closed, "nesterov": H.flag,
+CHECKS = {"lr": H.learning_rate, "momentum": H.nonneg, "dampening": H.unit_closed, "nesterov": H.flag,
           "weight_decay": H.nonneg, "momentum_init": H.choice("grad", "zero"), "maximize": H.flag}
 
 

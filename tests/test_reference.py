@@ -43,7 +43,7 @@ def test_matches_reference(case, dtype, rng):
             assert state[name].dtype == dtype
 
 
-@pytest.mark.parametrize("case", CASES[::3], ids=[c.id for c in CASES[::3]])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_parallel_kernel_matches_serial(case, rng, monkeypatch):
     """Above the serial threshold the parallel loop runs; it must give the serial loop's numbers."""
     from fastopt.kernels import _build, _config
