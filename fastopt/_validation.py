@@ -33,9 +33,18 @@ def check_no_overlap(arrays, names) -> None:
             raise ValueError(f"{name} and {other} share memory; each parameter must be its own buffer")
 
 
-def check_grad(g, p, where: str) -> None:
-    """A gradient for parameter ``p``: same dtype and shape, C-contiguous, not ``p`` itself."""
-    if type(g) is not np.ndarray and not isinstance(g, np.ndarray):
+def check_grad(g, p, where) -> None:
+    """A gradient for parameter ``p``: same dtype and shape, C-contiguous, not ``p`` itself.
+
+    ``where`` names the gradient in messages: a string, or an int ``i`` for "gradient i"
+    (the string is only built when a check fails: this runs on every step).
+    """
+    if type(g) is np.ndarray and g.dtype is p.dtype and g.shape == p.shape and g.flags.c_contiguous:
+        if g.size and np.may_share_memory(g, p):
+            raise ValueError(f"{_name(where)} shares memory with its parameter; pass a separate gradient buffer")
+        return
+    where = _name(where)
+    if not isinstance(g, np.ndarray):
         raise TypeError(f"{where} must be a NumPy array like its parameter, got {type(g).__name__}")
     if g.dtype is not p.dtype and g.dtype != p.dtype:
         raise TypeError(f"{where} has dtype {g.dtype} but its parameter has dtype {p.dtype}")
@@ -45,3 +54,7 @@ def check_grad(g, p, where: str) -> None:
         raise ValueError(f"{where} is not C-contiguous")
     if g.size and np.may_share_memory(g, p):
         raise ValueError(f"{where} shares memory with its parameter; pass a separate gradient buffer")
+
+
+def _name(where) -> str:
+    return f"gradient {where}" if isinstance(where, int) else where

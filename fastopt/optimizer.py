@@ -268,7 +268,7 @@ class Optimizer:
                 raise ValueError(f"step() got {len(flat)} gradients for {n} parameters")
         for slot, g in zip(self._slots, flat):
             if g is not None:
-                check_grad(g, slot.param, f"gradient {slot.index}")
+                check_grad(g, slot.param, slot.index)
         return flat
 
     # -- the step -----------------------------------------------------------------------

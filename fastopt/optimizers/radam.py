@@ -7,10 +7,17 @@ from ..optimizer import Optimizer
 class RAdam(Optimizer):
     r"""RAdam, rectified Adam (Liu et al., 2020).
 
+    .. math::
+
+        \rho_t = \rho_\infty - \frac{2 t \beta_2^t}{1 - \beta_2^t}, \quad
+        \theta_t = \theta_{t-1} - \frac{\eta\, m_t}{1 - \beta_1^t} \cdot
+            \begin{cases} r_t \dfrac{\sqrt{1 - \beta_2^t}}{\sqrt{v_t} + \epsilon} & \rho_t > 5 \\
+                          1 & \text{otherwise} \end{cases}
+
     While the variance of the adaptive rate is intractable (:math:`\rho_t \le 5`) the step is
-    SGD with momentum, :math:`\theta_t = \theta_{t-1} - \eta\,m_t / (1 - \beta_1^t)`; after it,
-    Adam's step scaled by the rectification :math:`r_t`. Same options and numbers as
-    ``torch.optim.RAdam``; the full rule is in :mod:`fastopt.kernels.radam`.
+    SGD with momentum; after it, Adam's step scaled by the rectification :math:`r_t`. Same
+    options and numbers as ``torch.optim.RAdam``; the full rule, with :math:`\rho_\infty` and
+    :math:`r_t`, is in :mod:`fastopt.kernels.radam`.
 
     Parameters
     ----------
