@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .kernels import _build, _config
+from .kernels import _build
 from .kernels import _hyper as H
 from ._validation import check_grad, check_no_overlap, check_param
 
@@ -53,7 +53,7 @@ class _Slot:
     def run(self, rule: _build.Rule, grad: np.ndarray) -> None:
         """One fused update of this parameter by ``rule`` (kernel and arguments cached)."""
         if rule is not self._args_rule:
-            kernel = _build.cpu_kernel(rule, self.param.size >= _config.SERIAL_THRESHOLD)
+            kernel = _build.cpu_kernel(rule, _build.use_parallel(rule, self.param.size))
             self._args = (kernel, tuple(self.flat_buffers[name] for name in rule.state))
             self._args_rule = rule
         kernel, states = self._args

@@ -14,7 +14,7 @@ This module turns a :class:`Rule` into loops by generating their source from a t
 
 - the CPU kernel, ``kernel(param, grad, *states, bounds, table)``, compiled twice from the
   same source: ``parallel=True`` (a ``prange`` over fixed chunks of ``CHUNK`` elements) and
-  serial (the same loop, run by one thread, for small buffers);
+  serial (the same loop, run by one thread, for small buffers: ``use_parallel``);
 - the CUDA kernel (``kernels.cuda``), a grid-stride loop over the same element function.
 
 ``bounds`` (int64, ``nseg + 1`` offsets, ``bounds[0] == 0``, ``bounds[-1] == param.size``)
@@ -73,10 +73,10 @@ class Rule:
 _CPU_TEMPLATE = '''
 def {fname}(param, grad, {state_args}bounds, table):
     n = param.size
-    nchunks = (n + CHUNK - 1) // CHUNK
+    nchunks = (n + {chunk} - 1) // {chunk}
     for c in prange(nchunks):
-        lo = c * CHUNK
-        hi = min(lo + CHUNK, n)
+        lo = c * {chunk}
+        hi = min(lo + {chunk}, n)
         s = np.searchsorted(bounds, lo, side="right") - 1
         while lo < hi:
             end = min(bounds[s + 1], hi)
@@ -108,6 +108,7 @@ def render(rule: Rule, template: str, fname: str) -> str:
     )
     return template.format(
         fname=fname,
+        chunk=_config.CHUNK,
         state_args="".join(f"{s}, " for s in rule.state),
         unpack=unpack,
         outputs="".join(f"{name}[i], " for name in ("param",) + rule.state).rstrip(" "),
@@ -138,14 +139,15 @@ def build_cpu_kernel(rule: Rule, parallel: bool, cache: bool):
     assembly can be inspected (Numba cannot inspect code loaded from its cache)."""
     from numba import njit, prange
 
-    fname = f"{rule.name}_{'parallel' if parallel else 'serial'}_{_source_hash(rule, _CPU_TEMPLATE)}"
+    source = render(rule, _CPU_TEMPLATE, "{fname}")
+    fname = f"{rule.name}_{'parallel' if parallel else 'serial'}_{_source_hash(rule, source)}"
     element = njit(inline="always", fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL)(
         rule.element
     )
     py_func = compile_source(
         render(rule, _CPU_TEMPLATE, fname),
         fname,
-        {"np": np, "prange": prange, "element": element, "CHUNK": _config.CHUNK},
+        {"np": np, "prange": prange, "element": element},
     )
     return njit(
         parallel=parallel,
@@ -156,13 +158,11 @@ def build_cpu_kernel(rule: Rule, parallel: bool, cache: bool):
     )(py_func)
 
 
-_compiled: dict = {}
+def use_parallel(rule: Rule, n: int) -> bool:
+    """Whether ``n`` elements of ``rule`` are worth a parallel launch (see ``_config``)."""
+    return n * (3 + 2 * len(rule.state)) >= _config.PARALLEL_MIN_WORK
 
 
 def run_cpu(rule: Rule, param, grad, states, bounds, table) -> None:
-    """Run ``rule`` over flat NumPy buffers; serial below ``SERIAL_THRESHOLD`` elements."""
-    key = (rule, param.size >= _config.SERIAL_THRESHOLD)
-    kernel = _compiled.get(key)
-    if kernel is None:
-        kernel = _compiled[key] = cpu_kernel(*key)
-    kernel(param, grad, *states, bounds, table)
+    """Run ``rule`` over flat NumPy buffers, serially when the buffer is small."""
+    cpu_kernel(rule, use_parallel(rule, param.size))(param, grad, *states, bounds, table)

@@ -9,9 +9,14 @@ to all of them:
 - ``ERROR_MODEL``: ``"numpy"``, so division does not test for zero and raise
   (``"python"`` puts a branch in the loop that stops it vectorizing).
 - ``CHUNK``: elements per parallel work item. A fixed chunking (not one per thread) keeps the
-  work split independent of the thread count.
-- ``SERIAL_THRESHOLD``: below this many elements the serial kernel runs; a ``prange`` launch
-  costs microseconds that a small update cannot win back (measured in ``bench/``).
+  work split independent of the thread count; a buffer of one chunk runs on one thread, so
+  small chunks (8192 elements: 32 KiB of float32 per stream) let mid-sized buffers use both
+  cores.
+- ``PARALLEL_MIN_WORK``: the parallel kernel runs when elements x streams (arrays read or
+  written: 3 for plain SGD, 7 for Adam) reach this; below it the serial kernel runs, since a
+  ``prange`` launch costs ~2 us that a small update cannot win back. Measured on a 2-core
+  Xeon (``bench/test_bench_threshold.py``): serial and parallel cross near 50K elements for
+  SGD and 14K for Adam, i.e. ~1.2e5 element-streams.
 - ``cache_enabled()``: ``cache=True`` where Numba can write a cache; otherwise kernels still
   compile, without the on-disk cache, and a warning says why.
 """
@@ -23,8 +28,8 @@ import warnings
 
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 ERROR_MODEL = "numpy"
-CHUNK = 1 << 16
-SERIAL_THRESHOLD = int(os.environ.get("FASTOPT_SERIAL_THRESHOLD", 1 << 15))
+CHUNK = int(os.environ.get("FASTOPT_CHUNK", 1 << 13))
+PARALLEL_MIN_WORK = int(os.environ.get("FASTOPT_PARALLEL_MIN_WORK", 1 << 17))
 
 _cache_ok: bool | None = None
 

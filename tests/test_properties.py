@@ -10,8 +10,9 @@ import naive
 from fastopt.kernels import _config
 from registry import CASES
 
-T = _config.SERIAL_THRESHOLD
-SIZES = st.sampled_from([0, 1, 2, 7, 8, 9, 31, 33, 1000, T - 1, T, T + 1, T + 9])
+T = _config.PARALLEL_MIN_WORK // 7  # where Adam (7 streams) switches to the parallel kernel
+C = _config.CHUNK
+SIZES = st.sampled_from([0, 1, 2, 7, 8, 9, 31, 33, 1000, T - 1, T, T + 1, T + 9, C, C + 1, 2 * C + 3])
 UNIT = st.floats(0.0, 0.999)
 
 

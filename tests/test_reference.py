@@ -52,8 +52,8 @@ def test_parallel_kernel_matches_serial(case, rng, monkeypatch):
     p0 = rng.standard_normal(n).astype(np.float32)
     grads = gradients(rng, n, 4, np.float32)
     results = []
-    for threshold in (0, n + 1):  # 0: always parallel; n + 1: always serial
-        monkeypatch.setattr(_config, "SERIAL_THRESHOLD", threshold)
+    for threshold in (0, 2**62):  # 0: always parallel; 2**62: always serial
+        monkeypatch.setattr(_config, "PARALLEL_MIN_WORK", threshold)
         w = p0.copy()
         opt = case.make(w)
         for g in grads:
