@@ -100,9 +100,9 @@ def _source_hash(rule: Rule, template: str) -> str:
     return h.hexdigest()[:10]
 
 
-def render(rule: Rule, template: str, fname: str) -> str:
-    """The source of one loop over ``rule``'s element function."""
-    indent = " " * 12
+def render(rule: Rule, template: str, fname: str, indent: int = 12) -> str:
+    """The source of one loop over ``rule``'s element function (``indent``: of ``{unpack}``)."""
+    indent = " " * indent
     unpack = "\n".join(
         f"{indent}{name} = table[s, {j + len(GENERIC_COLUMNS)}]" for j, name in enumerate(rule.scalars)
     )
@@ -110,7 +110,7 @@ def render(rule: Rule, template: str, fname: str) -> str:
         fname=fname,
         state_args="".join(f"{s}, " for s in rule.state),
         unpack=unpack,
-        outputs=", ".join(["param[i]"] + [f"{s}[i]" for s in rule.state]),
+        outputs="".join(f"{name}[i], " for name in ("param",) + rule.state).rstrip(" "),
         state_loads="".join(f"{s}[i], " for s in rule.state),
         scalar_args=", ".join(rule.scalars),
     )

@@ -12,6 +12,12 @@ to all of them:
   work split independent of the thread count.
 - ``SERIAL_THRESHOLD``: below this many elements the serial kernel runs; a ``prange`` launch
   costs microseconds that a small update cannot win back (measured in ``bench/``).
+- ``CUDA_BLOCK``: threads per block of the CUDA kernels (read at every launch, so tests can
+  shrink it and make a few dozen elements span several blocks).
+- ``CUDA_MAX_BLOCKS``: the most blocks in one grid; ``None`` means ``CUDA_BLOCKS_PER_SM`` per
+  multiprocessor, enough to keep every SM busy, and the grid-stride loop covers the rest.
+- ``CUDA_FASTMATH``: ``False``. numba-cuda's fast math is all or nothing (flush-to-zero and
+  approximate division and square root); NVVM still contracts ``a * b + c`` into FMA.
 - ``cache_enabled()``: ``cache=True`` where Numba can write a cache; otherwise kernels still
   compile, without the on-disk cache, and a warning says why.
 """
@@ -25,6 +31,10 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 ERROR_MODEL = "numpy"
 CHUNK = 1 << 16
 SERIAL_THRESHOLD = int(os.environ.get("FASTOPT_SERIAL_THRESHOLD", 1 << 15))
+CUDA_BLOCK = int(os.environ.get("FASTOPT_CUDA_BLOCK", "256"))
+CUDA_MAX_BLOCKS: int | None = None
+CUDA_BLOCKS_PER_SM = 8
+CUDA_FASTMATH = False
 
 _cache_ok: bool | None = None
 
