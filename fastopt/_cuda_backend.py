@@ -105,7 +105,7 @@ class CudaBackend:
     def __init__(self, arrays: list):
         self._cuda = kcuda.require()
         self._sim = kcuda.simulator()
-        self._multi = not self._sim and _gpu_count(self._cuda) > 1
+        self._multi = _gpu_count(self._cuda) > 1  # device checks and switches only then
         self.device: int | None = None  # set by the first parameter
         self._first = ""
         self._info: dict[int, _Desc] = {}  # id(param) -> layout; the optimizer keeps params alive

@@ -71,7 +71,7 @@ def _load():
         return cuda, None
     error = cuda.cuda_error()
     if error:
-        return None, f"the CUDA driver could not be initialised ({error.strip()})"
+        return None, f"the CUDA driver could not be initialised ({' '.join(error.split())})"
     try:
         ngpus = len(cuda.gpus)
     except Exception as exc:  # noqa: BLE001  (the driver raises CudaSupportError and others)
