@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from fastopt.kernels import cuda as kcuda
 
 import fastopt as fo
+from fastopt.kernels import cuda as kcuda
 
 
 class ForeignArray:

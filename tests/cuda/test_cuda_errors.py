@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fastopt.kernels import cuda as kcuda
 
 import fastopt as fo
 from fastopt import _cuda_backend
+from fastopt.kernels import cuda as kcuda
 
 
 def _dev(cuda, *shape, dtype=np.float32, value=0.0):

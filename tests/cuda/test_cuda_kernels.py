@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from cuda_cases import CASES, plans
-from fastopt.kernels import _build, _config
-from fastopt.kernels import cuda as kcuda
 
 from fastopt import kernels
+from fastopt.kernels import _build, _config
+from fastopt.kernels import cuda as kcuda
 
 SIGNED = {"exp_avg", "grad_avg", "momentum_buffer"}  # the other buffers hold second moments
 TOL = {np.float32: {"rtol": 2e-5, "atol": 1e-6}, np.float64: {"rtol": 1e-12, "atol": 1e-14}}

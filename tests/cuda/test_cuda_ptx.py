@@ -8,10 +8,10 @@ in an element function, a float64 scalar argument); the PTX can. Compiling PTX n
 from __future__ import annotations
 
 import pytest
-from fastopt.kernels import _build
-from fastopt.kernels import cuda as kcuda
 
 from fastopt import kernels
+from fastopt.kernels import _build
+from fastopt.kernels import cuda as kcuda
 
 pytestmark = pytest.mark.ptx
 
