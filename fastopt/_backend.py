@@ -45,7 +45,7 @@ def select(arrays: list):
                         "one optimizer updates arrays on one device")
     from ._cuda_backend import CudaBackend
 
-    return CudaBackend(arrays)
+    return CudaBackend()
 
 
 class HostBackend:

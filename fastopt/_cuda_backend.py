@@ -34,7 +34,6 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _validation
-from ._backend import is_device_array
 from .kernels import cuda as kcuda
 
 
@@ -47,7 +46,7 @@ class _Desc(NamedTuple):
     nbytes: int
     contiguous: bool
     readonly: bool
-    stream: object  # the interface's stream (None, 1, 2 or a handle), or a Numba stream
+    stream: int | None  # the interface's stream: None, 1 (legacy default), 2 (per-thread) or a handle
 
 
 def _c_contiguous(shape: tuple, strides, itemsize: int) -> bool:
@@ -67,14 +66,17 @@ def _describe(obj, where: str, simulator: bool) -> _Desc:
     if simulator and getattr(obj, "__cuda_ndarray__", False) is True:
         data = obj.__array_interface__["data"]
         return _Desc(tuple(obj.shape), np.dtype(obj.dtype), data[0], obj.nbytes, obj.is_c_contiguous(),
-                     False, getattr(obj, "stream", 0))
+                     False, None)
+    cai = None if isinstance(obj, np.ndarray) else getattr(obj, "__cuda_array_interface__", None)
+    if cai is None:
+        raise TypeError(f"{where} must be a GPU array (exposing __cuda_array_interface__) like the "
+                        f"other arrays of this optimizer, got {type(obj).__name__}")
     try:
-        cai = obj.__cuda_array_interface__
         shape = tuple(int(n) for n in cai["shape"])
         dtype = np.dtype(cai["typestr"])
         ptr, readonly = cai["data"]
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise TypeError(f"{where} ({type(obj).__name__}) has no usable __cuda_array_interface__ ({exc})") from None
+        raise TypeError(f"{where} ({type(obj).__name__}) has a malformed __cuda_array_interface__ ({exc})") from None
     if cai.get("mask") is not None:
         raise TypeError(f"{where} is a masked GPU array; fastopt updates plain arrays")
     nbytes = math.prod(shape) * dtype.itemsize
@@ -102,7 +104,7 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, arrays: list):
+    def __init__(self):
         self._cuda = kcuda.require()
         self._sim = kcuda.simulator()
         self._multi = _gpu_count(self._cuda) > 1  # device checks and switches only then
@@ -127,8 +129,6 @@ class CudaBackend:
         """A Numba stream for the interface's ``stream`` entry (0: the default stream)."""
         if handle is None or self._sim:
             return 0
-        if not isinstance(handle, int):  # already a Numba stream
-            return handle
         stream = self._streams.get(handle)
         if stream is None:
             cuda = self._cuda
@@ -156,8 +156,6 @@ class CudaBackend:
 
     # -- the backend interface (see fastopt._backend.HostBackend) -------------------------
     def check_param(self, p, where: str) -> None:
-        if isinstance(p, np.ndarray) or not is_device_array(p):
-            raise TypeError(f"{where} must be a GPU array like the other parameters, got {type(p).__name__}")
         desc = _describe(p, where, self._sim)
         if desc.dtype not in _validation.FLOAT_DTYPES:
             raise TypeError(f"{where} has dtype {desc.dtype}; fastopt updates float32 and float64 arrays")
@@ -202,8 +200,6 @@ class CudaBackend:
         if isinstance(g, np.ndarray):
             raise TypeError(f"{where} is a NumPy array but its parameter is on GPU {self.device}; "
                             "pass the gradient as a GPU array on the same device")
-        if not is_device_array(g):
-            raise TypeError(f"{where} must be a GPU array like its parameter, got {type(g).__name__}")
         desc = _describe(g, where, self._sim)
         p = self._info[id(param)]
         if desc.dtype != p.dtype:
