@@ -4,7 +4,7 @@ The loops are rendered by :func:`kernels._build.render` from the same :class:`~k
 objects as the CPU loops, and the element function is compiled from the same Python function
 with ``cuda.jit(device=True, inline="always")``: there is no second copy of any formula. A
 float32 kernel is specialised on float32 arrays and float32 scalars, so it does float32 math
-only (the element functions hold no numeric literal; ``tests/cuda/test_ptx.py`` checks the PTX
+only (the element functions hold no numeric literal; ``tests/cuda/test_cuda_ptx.py`` checks the PTX
 for ``.f64``).
 
 Two loops per rule:
@@ -181,7 +181,7 @@ def cuda_kernel(rule: _build.Rule, segmented: bool):
     return cuda.jit(**options)(python_kernel(rule, segmented))
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def _fill_kernel():
     cuda = require()
     return cuda.jit(_build.compile_source(_FILL, "fill", {"cuda": cuda}))
