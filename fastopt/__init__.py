@@ -9,8 +9,19 @@ values. The API follows ``torch.optim``::
     opt.step([gw])          # w updated in place
 """
 
-from .optimizer import Optimizer
-from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop
+import os as _os
+
+# Installed, ``kernels/`` is the subpackage ``fastopt.kernels`` (a setuptools package-dir
+# mapping). Run from a source checkout (``python -m pytest``, ``python examples/...``), it
+# sits beside this package: let ``fastopt.kernels`` resolve there too.
+_checkout = _os.path.dirname(_os.path.dirname(__file__))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(
+    _os.path.join(_checkout, "kernels", "_build.py")
+):
+    __path__.append(_checkout)
+
+from .optimizer import Optimizer  # noqa: E402
+from .optimizers import SGD, Adadelta  # noqa: E402, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop
 
 __version__ = "0.1.0"
 
