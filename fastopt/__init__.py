@@ -21,7 +21,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
     __path__.append(_checkout)
 
 from .optimizer import Optimizer  # noqa: E402
-from .optimizers import SGD, Adadelta  # noqa: E402, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop
+from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop  # noqa: E402
 
 __version__ = "0.1.0"
 
