@@ -11,7 +11,7 @@ import fastopt.optimizers
 
 
 def _modules():
-    names = ["fastopt", "fastopt.kernels"]
+    names = ["fastopt", "fastopt.kernels", "fastopt.schedules", "fastopt.early_stopping"]
     names += [f"fastopt.optimizers.{m.name}" for m in pkgutil.iter_modules(fastopt.optimizers.__path__)]
     return names
 
