@@ -9,10 +9,14 @@ values. The API follows ``torch.optim``::
     opt.step([gw])          # w updated in place
 """
 
+from . import schedules
+from .early_stopping import EarlyStopping
 from .optimizer import Optimizer
 from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop
+from .transforms import clip_grad_norm_, grad_norm
 
 __version__ = "0.1.0"
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax",
            "NAdam", "RAdam", "__version__"]
+__all__ += ["EarlyStopping", "clip_grad_norm_", "grad_norm", "schedules"]
