@@ -81,6 +81,25 @@ def test_fill_equals_elementwise_normal_and_python(dtype):
         np.testing.assert_allclose(a, c, rtol=4 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_bitcast_and_compare_splits_give_the_same_deviates(dtype):
+    """The CPU's exponent bitcast and the portable compare-and-scale split (for numba.cuda)
+    are both exact: the same numbers, bit for bit."""
+    key = noise.stream_key(8, 1)
+    results = []
+    for split in ("bitcast", "compare"):
+        fill_normal = noise.generator(dtype, split)[2]
+
+        @numba.njit
+        def run(out, key, start, fill_normal=fill_normal):
+            fill_normal(out, key, start)
+
+        out = np.empty(1 << 16, dtype)
+        run(out, key, np.uint64(3))
+        results.append(out)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 def normal_cdf(x):
     return 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
 
