@@ -82,5 +82,5 @@ def test_grad_norm(benchmark, impl, n):
         tg = torch.from_numpy(g)
         fn = lambda: float(torch.linalg.vector_norm(tg))
     expected = float(np.linalg.norm(g.astype(np.float64)))
-    assert fn() == pytest.approx(expected, rel=1e-5)
+    assert fn() == pytest.approx(expected, rel=1e-12 if impl == "fastopt" else 1e-3)  # torch sums in float32
     benchmark(fn)
