@@ -9,11 +9,22 @@ values. The API follows ``torch.optim``::
     opt.step([gw])          # w updated in place
 """
 
-from . import schedules
-from .early_stopping import EarlyStopping
-from .optimizer import Optimizer
-from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop
-from .transforms import clip_grad_norm_, grad_norm
+import os as _os
+
+# Installed, ``kernels/`` is the subpackage ``fastopt.kernels`` (a setuptools package-dir
+# mapping). Run from a source checkout (``python -m pytest``, ``python examples/...``), it
+# sits beside this package: let ``fastopt.kernels`` resolve there too.
+_checkout = _os.path.dirname(_os.path.dirname(__file__))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(
+    _os.path.join(_checkout, "kernels", "_build.py")
+):
+    __path__.append(_checkout)
+
+from . import schedules  # noqa: E402
+from .early_stopping import EarlyStopping  # noqa: E402
+from .optimizer import Optimizer  # noqa: E402
+from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop  # noqa: E402
+from .transforms import clip_grad_norm_, grad_norm  # noqa: E402
 
 __version__ = "0.1.0"
 

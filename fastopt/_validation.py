@@ -21,16 +21,26 @@ def check_param(p, where: str) -> None:
         raise ValueError(f"{where} is read-only; fastopt updates parameters in place")
 
 
-def check_no_overlap(arrays, names) -> None:
-    """No two arrays share memory (a parameter passed twice, or overlapping views)."""
+def check_no_overlap(arrays, names, extent=None) -> None:
+    """No two arrays share memory (a parameter passed twice, or overlapping views).
+
+    ``extent(a) -> (address, nbytes)`` locates an array (default: NumPy's ``__array_interface__``).
+    """
+    if extent is None:
+        extent = _host_extent
     spans = sorted(
-        (a.__array_interface__["data"][0], a.__array_interface__["data"][0] + a.nbytes, name)
+        (start, start + nbytes, name)
         for a, name in zip(arrays, names)
-        if a.nbytes
+        for start, nbytes in [extent(a)]
+        if nbytes
     )
     for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
         if start < end:
             raise ValueError(f"{name} and {other} share memory; each parameter must be its own buffer")
+
+
+def _host_extent(a: np.ndarray) -> tuple[int, int]:
+    return a.__array_interface__["data"][0], a.nbytes
 
 
 def check_grad(g, p, where) -> None:

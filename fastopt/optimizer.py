@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from . import _backend
 from .kernels import _build
 from .kernels import _hyper as H
-from ._validation import check_grad, check_no_overlap, check_param
 from .transforms import GradTransforms
 
 STATE_FORMAT = 1
@@ -28,17 +28,19 @@ class _Slot:
     """One parameter and everything its update needs, allocated once."""
 
     __slots__ = ("param", "flat", "buffers", "flat_buffers", "host", "step", "table", "bounds",
-                 "group", "index", "_args_rule", "_args")
+                 "group", "index", "_args_rule", "_args", "backend", "shape", "dtype")
 
-    def __init__(self, param: np.ndarray, group: int, index: int, ncols: int):
+    def __init__(self, param, group: int, index: int, ncols: int, backend=_backend.HOST):
         self.param = param
-        self.flat = param.reshape(-1)
+        self.backend = backend
+        self.shape, self.dtype = backend.shape_dtype(param)
+        self.flat = backend.flat(param)
         self.buffers: dict[str, np.ndarray] = {}
         self.flat_buffers: dict[str, np.ndarray] = {}
         self.host: dict[str, Any] = {}
         self.step = 0
-        self.table = np.zeros((1, ncols), dtype=param.dtype)
-        self.bounds = np.array([0, param.size], dtype=np.int64)
+        self.table = np.zeros((1, ncols), dtype=self.dtype)
+        self.bounds = np.array([0, math.prod(self.shape)], dtype=np.int64)
         self.group = group
         self.index = index
         self._args_rule = None
@@ -47,18 +49,19 @@ class _Slot:
     def ensure_buffers(self, initial: dict[str, float]) -> None:
         for name, value in initial.items():
             if name not in self.buffers:
-                buf = np.full_like(self.param, value)
+                buf = self.backend.full_like(self.param, value)
                 self.buffers[name] = buf
-                self.flat_buffers[name] = buf.reshape(-1)
+                self.flat_buffers[name] = self.backend.flat(buf)
 
-    def run(self, rule: _build.Rule, grad: np.ndarray) -> None:
-        """One fused update of this parameter by ``rule`` (kernel and arguments cached)."""
+    def run(self, rule: _build.Rule, grad) -> None:
+        """One fused update of this parameter by ``rule`` from the flat gradient ``grad``
+        (the launcher and the state arguments are cached per rule)."""
         if rule is not self._args_rule:
-            kernel = _build.cpu_kernel(rule, _build.use_parallel(rule, self.param.size))
-            self._args = (kernel, tuple(self.flat_buffers[name] for name in rule.state))
+            launch = self.backend.launcher(rule, int(self.bounds[-1]))
+            self._args = (launch, tuple(self.flat_buffers[name] for name in rule.state))
             self._args_rule = rule
-        kernel, states = self._args
-        kernel(self.flat, grad.reshape(-1), *states, self.bounds, self.table)
+        launch, states = self._args
+        launch(self.flat, grad, states, self.bounds, self.table)
 
 
 class ParamGroup(dict):
@@ -124,6 +127,9 @@ class Optimizer:
     params:
         One array, a sequence of arrays, or a sequence of group dicts
         (``{"params": [w], "weight_decay": 1e-2}``) whose keys override the defaults.
+        NumPy arrays run on the CPU kernels; GPU arrays (anything exposing
+        ``__cuda_array_interface__``: CuPy, PyTorch CUDA tensors, Numba device arrays) run on
+        the CUDA kernels, zero-copy, with their state on the same GPU. All on one device.
     clip_grad_norm, skip_nonfinite, grad_noise, seed:
         Gradient transforms fused into the update (see :mod:`fastopt.transforms`): clip the
         global L2 norm, skip steps with NaN/inf gradients, add annealed Gaussian noise.
@@ -153,8 +159,12 @@ class Optimizer:
         defaults = {**hyper, **self.forced}
         self._check_hyper(defaults, "")
         self.defaults = defaults
-        self._single = isinstance(params, np.ndarray)
+        self._single = _backend.is_array(params)
         groups = self._parse_groups(params)
+        self._backend = backend = _backend.select([p for arrays, _ in groups for p in arrays])
+        if self.transforms.active and backend is not _backend.HOST:
+            raise NotImplementedError("clip_grad_norm, skip_nonfinite and grad_noise run on the CPU kernels only "
+                                      f"so far, not on {backend.name} arrays")
         self._ncols = max(rule.ncols for rule in self.kernel.RULES) + self.transforms.extra_columns
         self.param_groups: list[dict] = []
         self._slots: list[_Slot] = []
@@ -169,17 +179,17 @@ class Optimizer:
             slots = []
             for pi, p in enumerate(arrays):
                 where = f"param group {gi}, parameter {pi}" if len(groups) > 1 else f"parameter {len(self._slots)}"
-                check_param(p, where)
+                backend.check_param(p, where)
                 names.append(where)
-                slot = _Slot(p, gi, len(self._slots), self._ncols)
+                slot = _Slot(p, gi, len(self._slots), self._ncols, backend)
                 self._slots.append(slot)
                 slots.append(slot)
             self.param_groups.append(ParamGroup({"params": list(arrays), **group}))
             self._group_slots.append(slots)
         if not self._slots:
             raise ValueError("optimizer got an empty parameter list")
-        check_no_overlap([s.param for s in self._slots], names)
-        self.transforms.bind([s.param.size for s in self._slots])
+        backend.check_no_overlap([s.param for s in self._slots], names)
+        self.transforms.bind([int(s.bounds[-1]) for s in self._slots])
         self._caches = [_GroupCache() for _ in self.param_groups]
         self._step_count = 0
         for gi, slots in enumerate(self._group_slots):
@@ -240,7 +250,7 @@ class Optimizer:
     # -- structure ----------------------------------------------------------------------
     @staticmethod
     def _parse_groups(params) -> list[tuple[list, dict]]:
-        if isinstance(params, np.ndarray):
+        if _backend.is_array(params):
             return [([params], {})]
         if isinstance(params, dict):
             raise TypeError("params must be an array, a sequence of arrays or a sequence of group dicts, not a dict")
@@ -254,7 +264,7 @@ class Optimizer:
                 if "params" not in g:
                     raise ValueError(f"param group {gi} has no 'params' entry")
                 arrays = g["params"]
-                arrays = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
+                arrays = [arrays] if _backend.is_array(arrays) else list(arrays)
                 groups.append((arrays, {k: v for k, v in g.items() if k != "params"}))
             return groups
         if any(isinstance(it, dict) for it in items):
@@ -264,7 +274,7 @@ class Optimizer:
     def _match_grads(self, grads) -> list:
         """Gradients aligned with ``self._slots``: one array, a flat sequence, or one sequence per group."""
         n = len(self._slots)
-        if isinstance(grads, np.ndarray) or grads is None:
+        if grads is None or _backend.is_array(grads):
             if n != 1:
                 raise TypeError(f"step() got one gradient array for {n} parameters; pass a sequence of {n}")
             flat = [grads]
@@ -284,10 +294,9 @@ class Optimizer:
                     flat.extend(gg)
             if len(flat) != n:
                 raise ValueError(f"step() got {len(flat)} gradients for {n} parameters")
-        for slot, g in zip(self._slots, flat):
-            if g is not None:
-                check_grad(g, slot.param, slot.index)
-        return flat
+        prepare = self._backend.grad  # checks, and the flat view the kernel reads
+        return [None if g is None else prepare(g, slot.param, slot.index)
+                for slot, g in zip(self._slots, flat)]
 
     # -- the step -----------------------------------------------------------------------
     def step(self, grads) -> None:
@@ -346,7 +355,7 @@ class Optimizer:
             g["params"] = [s.index for s in slots]
             groups.append(g)
         state = {
-            s.index: {"step": s.step, **s.host, **{k: b.copy() for k, b in s.buffers.items()}}
+            s.index: {"step": s.step, **s.host, **{k: self._backend.to_host(b) for k, b in s.buffers.items()}}
             for s in self._slots
         }
         return {"optimizer": type(self).__name__, "format": STATE_FORMAT, "step_count": self._step_count,
@@ -367,7 +376,7 @@ class Optimizer:
             slot.host = host
             slot.ensure_buffers({k: 0.0 for k in buffers})
             for name, value in buffers.items():
-                np.copyto(slot.buffers[name], value)
+                self._backend.copy_in(slot.buffers[name], value)
         self._step_count = plan["step_count"]
 
     def _check_state_dict(self, sd) -> dict:
@@ -419,12 +428,12 @@ class Optimizer:
             for k, v in buffers.items():
                 if not isinstance(v, np.ndarray):
                     raise TypeError(f"state_dict parameter {slot.index}: {k} must be a NumPy array, got {type(v).__name__}")
-                if v.shape != slot.param.shape:
+                if v.shape != slot.shape:
                     raise ValueError(f"state_dict parameter {slot.index}: {k} has shape {v.shape}, "
-                                     f"the parameter has shape {slot.param.shape}")
-                if v.dtype != slot.param.dtype:
+                                     f"the parameter has shape {slot.shape}")
+                if v.dtype != slot.dtype:
                     raise TypeError(f"state_dict parameter {slot.index}: {k} has dtype {v.dtype}, "
-                                    f"the parameter has dtype {slot.param.dtype}")
+                                    f"the parameter has dtype {slot.dtype}")
             host = {k: (v.item() if isinstance(v, np.ndarray) else v) for k, v in entry.items() if k in host_names}
             for k, v in host.items():
                 if not isinstance(v, numbers.Real) or not math.isfinite(v):

@@ -215,8 +215,9 @@ class _NoiseStep:
         self.key, self.std, self.offsets = key, std, offsets
 
     def run(self, slot, rule: _build.Rule, grad: np.ndarray, sign: float) -> None:
+        """Update ``slot`` (an optimizer's parameter) by ``rule`` with this step's noise."""
         slot.table[0, rule.ncols] = sign * self.std
-        kernel = _build.cpu_noise_kernel(rule, _build.use_parallel(rule, slot.param.size), slot.param.dtype)
+        n = int(slot.bounds[-1])
+        kernel = _build.cpu_noise_kernel(rule, _build.use_parallel(rule, n), slot.table.dtype)
         states = tuple(slot.flat_buffers[name] for name in rule.state)
-        kernel(slot.flat, grad.reshape(-1), *states, slot.bounds, slot.table, self.key,
-               self.offsets[slot.index])
+        kernel(slot.flat, grad.reshape(-1), *states, slot.bounds, slot.table, self.key, self.offsets[slot.index])

@@ -131,9 +131,9 @@ def _source_hash(rule: Rule, template: str) -> str:
     return h.hexdigest()[:10]
 
 
-def render(rule: Rule, template: str, fname: str) -> str:
-    """The source of one loop over ``rule``'s element function."""
-    indent = " " * 12
+def render(rule: Rule, template: str, fname: str, indent: int = 12) -> str:
+    """The source of one loop over ``rule``'s element function (``indent``: of ``{unpack}``)."""
+    indent = " " * indent
     unpack = "\n".join(
         f"{indent}{name} = table[s, {j + len(GENERIC_COLUMNS)}]" for j, name in enumerate(rule.scalars)
     )

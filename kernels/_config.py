@@ -17,6 +17,12 @@ to all of them:
   ``prange`` launch costs ~2 us that a small update cannot win back. Measured on a 2-core
   Xeon (``bench/test_bench_threshold.py``): serial and parallel cross near 50K elements for
   SGD and 14K for Adam, i.e. ~1.2e5 element-streams.
+- ``CUDA_BLOCK``: threads per block of the CUDA kernels (read at every launch, so tests can
+  shrink it and make a few dozen elements span several blocks).
+- ``CUDA_MAX_BLOCKS``: the most blocks in one grid; ``None`` means ``CUDA_BLOCKS_PER_SM`` per
+  multiprocessor, enough to keep every SM busy, and the grid-stride loop covers the rest.
+- ``CUDA_FASTMATH``: ``False``. numba-cuda's fast math is all or nothing (flush-to-zero and
+  approximate division and square root); NVVM still contracts ``a * b + c`` into FMA.
 - ``cache_enabled()``: ``cache=True`` where Numba can write a cache; otherwise kernels still
   compile, without the on-disk cache, and a warning says why.
 """
@@ -30,6 +36,10 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 ERROR_MODEL = "numpy"
 CHUNK = int(os.environ.get("FASTOPT_CHUNK", 1 << 13))
 PARALLEL_MIN_WORK = int(os.environ.get("FASTOPT_PARALLEL_MIN_WORK", 1 << 17))
+CUDA_BLOCK = int(os.environ.get("FASTOPT_CUDA_BLOCK", "256"))
+CUDA_MAX_BLOCKS: int | None = None
+CUDA_BLOCKS_PER_SM = 8
+CUDA_FASTMATH = False
 
 _cache_ok: bool | None = None
 
