@@ -19,6 +19,7 @@ import numpy as np
 from . import _backend
 from .kernels import _build
 from .kernels import _hyper as H
+from .transforms import GradTransforms
 
 STATE_FORMAT = 1
 
@@ -129,15 +130,31 @@ class Optimizer:
         NumPy arrays run on the CPU kernels; GPU arrays (anything exposing
         ``__cuda_array_interface__``: CuPy, PyTorch CUDA tensors, Numba device arrays) run on
         the CUDA kernels, zero-copy, with their state on the same GPU. All on one device.
+    clip_grad_norm, skip_nonfinite, grad_noise, seed:
+        Gradient transforms fused into the update (see :mod:`fastopt.transforms`): clip the
+        global L2 norm, skip steps with NaN/inf gradients, add annealed Gaussian noise.
     **hyper:
         The optimizer's hyper-parameters; ``lr`` may be a callable ``step -> lr``.
+
+    Attributes
+    ----------
+    transforms : GradTransforms, the validated transform options
+    last_grad_norm : float or None, the global gradient norm of the last step (when computed)
+    last_step_skipped : bool, whether ``skip_nonfinite`` skipped the last step
+    skipped_steps : int, steps skipped by ``skip_nonfinite``
     """
 
     kernel: ModuleType
     #: Options the class fixes (AdamW fixes ``decoupled_weight_decay=True``).
     forced: dict = {}
 
-    def __init__(self, params, **hyper):
+    def __init__(self, params, *, clip_grad_norm: float | None = None, skip_nonfinite: bool = False,
+                 grad_noise: tuple[float, float] | None = None, seed: int | None = None, **hyper):
+        self.transforms = GradTransforms(clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite,
+                                         grad_noise=grad_noise, seed=seed)
+        self.last_grad_norm: float | None = None
+        self.last_step_skipped = False
+        self.skipped_steps = 0
         checks = self.kernel.CHECKS
         defaults = {**hyper, **self.forced}
         self._check_hyper(defaults, "")
@@ -145,7 +162,10 @@ class Optimizer:
         self._single = _backend.is_array(params)
         groups = self._parse_groups(params)
         self._backend = backend = _backend.select([p for arrays, _ in groups for p in arrays])
-        self._ncols = max(rule.ncols for rule in self.kernel.RULES)
+        if self.transforms.active and backend is not _backend.HOST:
+            raise NotImplementedError("clip_grad_norm, skip_nonfinite and grad_noise run on the CPU kernels only "
+                                      f"so far, not on {backend.name} arrays")
+        self._ncols = max(rule.ncols for rule in self.kernel.RULES) + self.transforms.extra_columns
         self.param_groups: list[dict] = []
         self._slots: list[_Slot] = []
         self._group_slots: list[list[_Slot]] = []
@@ -169,6 +189,7 @@ class Optimizer:
         if not self._slots:
             raise ValueError("optimizer got an empty parameter list")
         backend.check_no_overlap([s.param for s in self._slots], names)
+        self.transforms.bind([int(s.bounds[-1]) for s in self._slots])
         self._caches = [_GroupCache() for _ in self.param_groups]
         self._step_count = 0
         for gi, slots in enumerate(self._group_slots):
@@ -283,10 +304,17 @@ class Optimizer:
 
         ``grads`` has the structure of ``params``: one array, a sequence with one array per
         parameter (in group order), or one sequence per param group. Everything is checked
-        before any parameter or state buffer changes.
+        before any parameter or state buffer changes. With ``skip_nonfinite`` a step whose
+        gradients hold NaN or inf returns without changing anything but the skip counters.
         """
         grads = self._match_grads(grads)
         hps = [self._resolve(gi) for gi in range(len(self.param_groups))]
+        scale, noise = 1.0, None
+        if self.transforms.active:
+            begun = self.transforms.begin_step(self, grads)
+            if begun is None:
+                return
+            scale, noise = begun
         plan = self.kernel.plan
         for slot, g in zip(self._slots, grads):
             if g is None:
@@ -296,9 +324,12 @@ class Optimizer:
             if rule.state and rule.state[-1] not in slot.buffers:  # an option was switched on
                 slot.ensure_buffers(self.kernel.buffers(hp))
             table = slot.table
-            table[0, 0] = -1.0 if hp["maximize"] else 1.0
+            table[0, 0] = -scale if hp["maximize"] else scale
             table[0, 1 : len(scalars) + 1] = scalars
-            slot.run(rule, g)
+            if noise is None:
+                slot.run(rule, g)
+            else:
+                noise.run(slot, rule, g, -1.0 if hp["maximize"] else 1.0)
             slot.step += 1
         self._step_count += 1
 

@@ -23,6 +23,13 @@ one row of scalars per segment: column 0 is the gradient scale (-1 for ``maximiz
 clip factor), the rule's scalars follow. A plain array is one segment; a flat buffer of
 many tensors in several param groups is still one launch.
 
+With gradient noise (``grad_noise``), a second template adds ``noise_std * z_j`` to each
+scaled gradient, ``noise_std`` from the table's column ``rule.ncols`` (one past the rule's
+scalars) and ``z_j`` the counter-based normal deviate of element ``j = noise_offset + i``
+(``kernels.noise``): each chunk first fills a scratch buffer with its deviates, two per hash,
+then runs the loop above on ``g * grad_scale + noise_std * z``. The noise-free loop is the
+plain template, unchanged.
+
 The generated source is compiled under this file's name, so Numba's on-disk cache works for
 it; the function name carries a hash of the rule's source file and the template, so editing
 either never loads a stale cache entry.
@@ -89,6 +96,30 @@ def {fname}(param, grad, {state_args}bounds, table):
 '''
 
 
+_CPU_NOISE_TEMPLATE = '''
+def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):
+    n = param.size
+    nchunks = (n + {chunk} - 1) // {chunk}
+    for c in prange(nchunks):
+        lo = c * {chunk}
+        hi = min(lo + {chunk}, n)
+        noise = np.empty(hi - lo, param.dtype)
+        fill_normal(noise, noise_key, np.uint64(noise_offset + lo))
+        first = np.uint64(lo)
+        s = np.searchsorted(bounds, lo, side="right") - 1
+        while lo < hi:
+            end = min(bounds[s + 1], hi)
+            grad_scale = table[s, 0]
+            noise_std = table[s, NOISE_COL]
+{unpack}
+            for i in range(np.uint64(lo), np.uint64(end)):
+                g = grad[i] * grad_scale + noise_std * noise[i - first]
+                {outputs} = element(param[i], g, {state_loads}{scalar_args})
+            lo = end
+            s += 1
+'''
+
+
 def _source_hash(rule: Rule, template: str) -> str:
     h = hashlib.sha256(template.encode())
     h.update(repr((rule.name, rule.state, rule.scalars)).encode())
@@ -128,7 +159,7 @@ def compile_source(source: str, fname: str, namespace: dict) -> Callable:
     return namespace[fname]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_kernel(rule: Rule, parallel: bool):
     """The compiled CPU kernel for ``rule`` (lazily specialised per dtype by Numba)."""
     return build_cpu_kernel(rule, parallel, _config.cache_enabled())
@@ -152,6 +183,38 @@ def build_cpu_kernel(rule: Rule, parallel: bool, cache: bool):
     return njit(
         parallel=parallel,
         cache=cache,
+        fastmath=_config.FASTMATH,
+        error_model=_config.ERROR_MODEL,
+        nogil=True,
+    )(py_func)
+
+
+@functools.cache
+def cpu_noise_kernel(rule: Rule, parallel: bool, dtype: np.dtype):
+    """The CPU kernel of ``rule`` with gradient noise, for buffers of ``dtype``:
+    ``kernel(param, grad, *states, bounds, table, noise_key, noise_offset)``; ``table`` has
+    the noise standard deviation in column ``rule.ncols``."""
+    from numba import njit, prange
+
+    from . import noise
+
+    dtype = np.dtype(dtype)
+    source = render(rule, _CPU_NOISE_TEMPLATE, "{fname}")
+    with open(noise.__file__, "rb") as f:
+        digest = _source_hash(rule, source + f.read().decode())
+    fname = f"{rule.name}_noise_{dtype.name}_{'parallel' if parallel else 'serial'}_{digest}"
+    element = njit(inline="always", fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL)(
+        rule.element
+    )
+    py_func = compile_source(
+        render(rule, _CPU_NOISE_TEMPLATE, fname),
+        fname,
+        {"np": np, "prange": prange, "element": element, "fill_normal": noise.generator(dtype)[2],
+         "NOISE_COL": rule.ncols},
+    )
+    return njit(
+        parallel=parallel,
+        cache=_config.cache_enabled(),
         fastmath=_config.FASTMATH,
         error_model=_config.ERROR_MODEL,
         nogil=True,

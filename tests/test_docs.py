@@ -11,7 +11,7 @@ import fastopt.optimizers
 
 
 def _modules():
-    names = ["fastopt", "fastopt.kernels"]
+    names = ["fastopt", "fastopt.kernels", "fastopt.schedules", "fastopt.early_stopping"]
     names += [f"fastopt.optimizers.{m.name}" for m in pkgutil.iter_modules(fastopt.optimizers.__path__)]
     return names
 
@@ -31,7 +31,9 @@ def test_every_optimizer_documents_its_math_and_defaults_match_the_kernel():
         assert ".. math::" in cls.__doc__, f"{name} has no math in its docstring"
         params = inspect.signature(cls.__init__).parameters
         assert all(p.kind is p.KEYWORD_ONLY for n, p in params.items() if n not in ("self", "params"))
-        signature_defaults = {n: p.default for n, p in params.items() if n not in ("self", "params")}
+        transforms = ("clip_grad_norm", "skip_nonfinite", "grad_noise", "seed")  # every class: fastopt.transforms
+        signature_defaults = {n: p.default for n, p in params.items() if n not in ("self", "params", *transforms)}
+        assert {n: params[n].default for n in transforms} == dict.fromkeys(transforms, None) | {"skip_nonfinite": False}
         kernel_defaults = {k: v for k, v in cls.kernel.DEFAULTS.items() if k not in cls.forced}
         expected = dict(kernel_defaults, **({"weight_decay": 1e-2} if name == "AdamW" else {}))
         assert signature_defaults == expected, name

@@ -23,9 +23,14 @@ class Adadelta(Optimizer):
     eps : float
     weight_decay : float, L2 penalty
     maximize : bool
+    clip_grad_norm, skip_nonfinite, grad_noise, seed : gradient transforms fused into the
+        update (global-norm clipping, NaN/inf guard, annealed noise): :mod:`fastopt.transforms`
     """
 
     kernel = _kernel
 
-    def __init__(self, params, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False):
-        super().__init__(params, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    def __init__(self, params, *, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False,
+                 clip_grad_norm=None, skip_nonfinite=False, grad_noise=None, seed=None):
+        super().__init__(params, lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
+                         clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite, grad_noise=grad_noise,
+                         seed=seed)

@@ -25,12 +25,17 @@ class Adagrad(Optimizer):
     eps : float
     eps_inside_sqrt : bool
     maximize : bool
+    clip_grad_norm, skip_nonfinite, grad_noise, seed : gradient transforms fused into the
+        update (global-norm clipping, NaN/inf guard, annealed noise): :mod:`fastopt.transforms`
     """
 
     kernel = _kernel
 
     def __init__(self, params, *, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, eps_inside_sqrt=False, maximize=False):
+                 initial_accumulator_value=0.0, eps=1e-10, eps_inside_sqrt=False, maximize=False,
+                 clip_grad_norm=None, skip_nonfinite=False, grad_noise=None, seed=None):
         super().__init__(params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
                          initial_accumulator_value=initial_accumulator_value, eps=eps,
-                         eps_inside_sqrt=eps_inside_sqrt, maximize=maximize)
+                         eps_inside_sqrt=eps_inside_sqrt, maximize=maximize,
+                         clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite, grad_noise=grad_noise,
+                         seed=seed)

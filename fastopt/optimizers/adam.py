@@ -29,6 +29,8 @@ class Adam(Optimizer):
     amsgrad : bool, keep the running maximum of :math:`v` (Reddi et al., 2018)
     decoupled_weight_decay : bool, AdamW's :math:`\theta \leftarrow (1 - \eta\lambda)\theta`
     maximize : bool, ascend instead of descend
+    clip_grad_norm, skip_nonfinite, grad_noise, seed : gradient transforms fused into the
+        update (global-norm clipping, NaN/inf guard, annealed noise): :mod:`fastopt.transforms`
 
     Examples
     --------
@@ -43,10 +45,13 @@ class Adam(Optimizer):
     kernel = _kernel
 
     def __init__(self, params, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, decoupled_weight_decay=False, maximize=False):
+                 amsgrad=False, decoupled_weight_decay=False, maximize=False,
+                 clip_grad_norm=None, skip_nonfinite=False, grad_noise=None, seed=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, decoupled_weight_decay=decoupled_weight_decay,
-                         maximize=maximize)
+                         maximize=maximize,
+                         clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite, grad_noise=grad_noise,
+                         seed=seed)
 
 
 class AdamW(Optimizer):
@@ -64,6 +69,9 @@ class AdamW(Optimizer):
     forced = {"decoupled_weight_decay": True}
 
     def __init__(self, params, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False):
+                 amsgrad=False, maximize=False,
+                 clip_grad_norm=None, skip_nonfinite=False, grad_noise=None, seed=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize)
+                         amsgrad=amsgrad, maximize=maximize,
+                         clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite, grad_noise=grad_noise,
+                         seed=seed)

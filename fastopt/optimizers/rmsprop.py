@@ -27,12 +27,17 @@ class RMSprop(Optimizer):
     centered : bool, divide by the estimated variance instead of the second moment
     eps_inside_sqrt : bool
     maximize : bool
+    clip_grad_norm, skip_nonfinite, grad_noise, seed : gradient transforms fused into the
+        update (global-norm clipping, NaN/inf guard, annealed noise): :mod:`fastopt.transforms`
     """
 
     kernel = _kernel
 
     def __init__(self, params, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, eps_inside_sqrt=False, maximize=False):
+                 centered=False, eps_inside_sqrt=False, maximize=False,
+                 clip_grad_norm=None, skip_nonfinite=False, grad_noise=None, seed=None):
         super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                          momentum=momentum, centered=centered, eps_inside_sqrt=eps_inside_sqrt,
-                         maximize=maximize)
+                         maximize=maximize,
+                         clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite, grad_noise=grad_noise,
+                         seed=seed)

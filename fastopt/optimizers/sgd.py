@@ -28,6 +28,8 @@ class SGD(Optimizer):
     weight_decay : float, L2 penalty :math:`\lambda`
     momentum_init : ``"grad"`` (torch: :math:`b_1 = d_1`) or ``"zero"`` (:math:`b_0 = 0`)
     maximize : bool, ascend instead of descend
+    clip_grad_norm, skip_nonfinite, grad_noise, seed : gradient transforms fused into the
+        update (global-norm clipping, NaN/inf guard, annealed noise): :mod:`fastopt.transforms`
 
     Examples
     --------
@@ -42,6 +44,9 @@ class SGD(Optimizer):
     kernel = _kernel
 
     def __init__(self, params, *, lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False,
-                 weight_decay=0.0, momentum_init="grad", maximize=False):
+                 weight_decay=0.0, momentum_init="grad", maximize=False,
+                 clip_grad_norm=None, skip_nonfinite=False, grad_noise=None, seed=None):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                         weight_decay=weight_decay, momentum_init=momentum_init, maximize=maximize)
+                         weight_decay=weight_decay, momentum_init=momentum_init, maximize=maximize,
+                         clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite, grad_noise=grad_noise,
+                         seed=seed)

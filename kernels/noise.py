@@ -1,0 +1,224 @@
+r"""Counter-based Gaussian noise: the same numbers for any thread count, chunking or device.
+
+Deviate number :math:`j` of a step is a pure function of a 64-bit *key* (derived from the
+user's seed and the step, :func:`stream_key`) and :math:`j` (the element's index in the
+optimizer's parameter order); no generator state is carried between elements or threads.
+
+Elements come in pairs :math:`(2i, 2i + 1)` that share one 64-bit hash (Box-Muller, 1958):
+
+.. math::
+
+    h &= \operatorname{mix64}(\text{key} + (i + 1)\,\gamma) \bmod 2^{64}
+         \qquad (\text{SplitMix64's finalizer}, \ \gamma = \texttt{0x9E3779B97F4A7C15}) \\
+    u &= (\lfloor h / 2^{32} \rfloor + 1) / 2^{32} \in (0, 1], \qquad
+    \theta = 2\pi\,(h \bmod 2^{32}) / 2^{32} \\
+    z_{2i} &= \sqrt{-2 \ln u}\,\cos\theta, \qquad z_{2i+1} = \sqrt{-2 \ln u}\,\sin\theta
+
+so :math:`z_j \sim \mathcal N(0, 1)`, independent, truncated at
+:math:`|z| \le \sqrt{64 \ln 2} \approx 6.66` by the 32-bit :math:`u`.
+
+The logarithm and the trigonometric functions are series evaluated with the four arithmetic
+operations only (:math:`\ln u` by an exact split :math:`u = x\,2^{-e}`,
+:math:`x \in [\sqrt{1/2}, \sqrt 2)`, and :math:`\ln x = 2\operatorname{atanh}((x-1)/(x+1))`;
+:math:`\sin, \cos` on :math:`[-\pi/4, \pi/4)` after an exact integer quadrant reduction), so
+the loop vectorizes on the CPU; the deviates are accurate to a few units in the last place of
+the dtype. Every float constant is a NumPy scalar of the buffer's dtype (a Python float would
+turn float32 math into float64), which is why :func:`generator` builds one set of functions
+per dtype.
+
+For the CUDA target: ``generator(dtype, split="compare")`` returns ``register_jitable``
+functions that use nothing but arithmetic, comparisons and integer casts, so a ``numba.cuda``
+kernel can call ``normal(key, j)`` (one thread per element) and get the CPU's numbers: the
+CPU's default ``split="bitcast"`` reads the exponent bits instead, which is exact too (a test
+checks the two agree bit for bit). Only LLVM's FMA contraction of the series can differ by an
+ulp between targets. Run as plain Python (the CUDA simulator), NumPy warns about the uint64
+wrap-around of the hash; the numbers are the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba.extending import register_jitable
+
+#: SplitMix64's increment (the golden ratio in 64 bits) and finalizer multipliers.
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1 = 0xBF58476D1CE4E5B9
+MIX2 = 0x94D049BB133111EB
+MASK64 = (1 << 64) - 1
+
+_GOLDEN = np.uint64(GOLDEN)
+_MIX1 = np.uint64(MIX1)
+_MIX2 = np.uint64(MIX2)
+_S27, _S30, _S31, _S32 = (np.uint64(v) for v in (27, 30, 31, 32))
+_U0, _U1, _U2 = np.uint64(0), np.uint64(1), np.uint64(2)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_EIGHTH_TURN = np.uint64(1 << 29)
+_QUARTER_TURN = np.int64(1 << 30)
+
+
+@register_jitable
+def mix64(z):
+    """SplitMix64's finalizer: a bijection of uint64 that scrambles every bit."""
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+def mix64_host(z: int) -> int:
+    """:func:`mix64` on Python integers (for keys and for tests)."""
+    z &= MASK64
+    z = ((z ^ (z >> 30)) * MIX1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX2) & MASK64
+    return z ^ (z >> 31)
+
+
+def stream_key(seed: int, step: int) -> np.uint64:
+    """The key of one step's noise: ``mix64(mix64(seed) + (step + 1) * GOLDEN)``.
+
+    Distinct (seed, step) give unrelated keys; element streams of two keys overlap with
+    probability about ``n / 2**64``.
+    """
+    return np.uint64(mix64_host(mix64_host(seed) + (step + 1) * GOLDEN))
+
+
+#: Series lengths per dtype: enough terms for a relative error below the dtype's epsilon
+#: on the reduced ranges (|s| <= 0.172 for atanh, |t| <= pi/4 for sin and cos).
+_TERMS = {np.dtype(np.float32): (5, 5, 6), np.dtype(np.float64): (11, 8, 9)}
+
+
+def _horner(var: str, names: list[str]) -> str:
+    """``c0 + var * (c1 + var * (c2 + ...))`` as source."""
+    expr = names[-1]
+    for name in reversed(names[:-1]):
+        expr = f"{name} + {var} * ({expr})"
+    return expr
+
+
+_PAIR_TEMPLATE = """
+def pair_at(counter):
+    h = mix64(counter)
+    # ln u with u = x * 2**-e, x in [sqrt(1/2), sqrt(2)) (an exact split)
+    x = (FLOAT(np.int64(h >> S32)) + ONE) * U_SCALE
+{split}
+    small = x < SQRT_HALF
+    x = x + x if small else x
+    e = e + ONE if small else e
+    s = (x - ONE) / (x + ONE)
+    s2 = s * s
+    minus_log_u = e * LN2 - s * ({log_series})
+    radius = math.sqrt(TWO * minus_log_u)
+    # theta = quadrant * pi/2 + t, t in [-pi/4, pi/4), from the low 32 bits
+    a = h & LOW32
+    quadrant = (a + EIGHTH_TURN) >> S30
+    t = FLOAT(np.int64(a) - np.int64(quadrant) * QUARTER_TURN) * ANGLE
+    t2 = t * t
+    sin_t = t * ({sin_series})
+    cos_t = {cos_series}
+    odd = (quadrant & U1) != U0
+    cos_theta = cos_t
+    cos_theta = sin_t if odd else cos_theta
+    sin_theta = sin_t
+    sin_theta = cos_t if odd else sin_theta
+    cos_theta = -cos_theta if ((quadrant + U1) & U2) != U0 else cos_theta
+    sin_theta = -sin_theta if (quadrant & U2) != U0 else sin_theta
+    return radius * cos_theta, radius * sin_theta
+"""
+
+#: The exponent split x -> (x * 2**e in [1/2, 1], e) of x in [2**-32, 1], two exact ways.
+#: "compare": five compare-and-scale steps (any target, numba.cuda included);
+#: "bitcast": the float's exponent bits (CPU; Numba has no scalar bitcast on CUDA). Both give
+#: the same (x, e) after the sqrt(1/2) step, so the same deviates.
+_SPLIT_COMPARE = "    e = ZERO\n" + "\n".join(
+    f"    small = x < LIM{k}\n    x = x * MUL{k} if small else x\n    e = e + INC{k} if small else e"
+    for k in (16, 8, 4, 2, 1))
+_SPLIT_BITCAST = """    b = FLOAT_NP(x).view(UINT)
+    e = FLOAT(EXP_HALF - np.int64(b >> MANT_BITS))
+    x = UINT((b & MANT_MASK) | HALF_BITS).view(FLOAT_NP)"""
+_BITS = {np.dtype(np.float32): (np.uint32, 23, 126), np.dtype(np.float64): (np.uint64, 52, 1022)}
+
+
+@functools.cache
+def generator(dtype, split: str = "bitcast") -> tuple:
+    """``(pair, normal, fill)`` for buffers of ``dtype`` (float32 or float64).
+
+    - ``pair(key, i) -> (z_2i, z_2i+1)``, the two deviates of hash number ``i`` (uint64);
+    - ``normal(key, j) -> z_j`` for one element (uint64 ``j``);
+    - ``fill(out, key, start)`` writes ``out[k] = z_{start + k}`` pair by pair (the CPU path).
+
+    ``split="compare"`` builds functions that compile for any Numba target (``numba.cuda``);
+    the default ``"bitcast"`` is faster on the CPU. Both give the same numbers.
+    """
+    import numba
+
+    dtype = np.dtype(dtype)
+    if dtype not in _TERMS:
+        raise TypeError(f"noise is generated for float32 and float64, not {dtype}")
+    if split not in ("bitcast", "compare"):
+        raise ValueError(f"split must be 'bitcast' or 'compare', got {split!r}")
+    c = dtype.type
+    nlog, nsin, ncos = _TERMS[dtype]
+    uint, mant_bits, exp_half = _BITS[dtype]
+    consts = {
+        "ONE": c(1.0), "TWO": c(2.0), "ZERO": c(0.0), "LN2": c(math.log(2.0)),
+        "U_SCALE": c(2.0**-32), "ANGLE": c(2.0 * math.pi / 2.0**32), "SQRT_HALF": c(math.sqrt(0.5)),
+        "UINT": uint, "FLOAT_NP": dtype.type, "MANT_BITS": uint(mant_bits), "EXP_HALF": np.int64(exp_half),
+        "MANT_MASK": uint((1 << mant_bits) - 1), "HALF_BITS": uint(exp_half << mant_bits),
+    }
+    for k in (16, 8, 4, 2, 1):
+        consts.update({f"LIM{k}": c(2.0**-k), f"MUL{k}": c(2.0**k), f"INC{k}": c(k)})
+    consts.update({f"LOG{k}": c(2.0 / (2 * k + 1)) for k in range(nlog)})
+    consts.update({f"SIN{k}": c((-1) ** k / math.factorial(2 * k + 1)) for k in range(nsin)})
+    consts.update({f"COS{k}": c((-1) ** k / math.factorial(2 * k)) for k in range(ncos)})
+    source = _PAIR_TEMPLATE.format(
+        split=_SPLIT_BITCAST if split == "bitcast" else _SPLIT_COMPARE,
+        log_series=_horner("s2", [f"LOG{k}" for k in range(nlog)]),
+        sin_series=_horner("t2", [f"SIN{k}" for k in range(nsin)]),
+        cos_series=_horner("t2", [f"COS{k}" for k in range(ncos)]),
+    )
+    namespace = {
+        "np": np, "math": math, "mix64": mix64, "FLOAT": numba.from_dtype(dtype),
+        "U0": _U0, "U1": _U1, "U2": _U2, "S30": _S30, "S32": _S32, "LOW32": _LOW32,
+        "EIGHTH_TURN": _EIGHTH_TURN, "QUARTER_TURN": _QUARTER_TURN, **consts,
+    }
+    exec(compile(source, f"<fastopt.kernels.noise {dtype} {split}>", "exec"), namespace)  # noqa: S102 (generated)
+    # Numba's IR inliner mis-scopes the selects of a function inlined at several call sites in
+    # one caller, so the vectorized loop gets the inlined copy and every other site a call.
+    pair_at_inline = numba.njit(inline="always")(namespace["pair_at"])
+    pair_at = register_jitable(namespace["pair_at"])
+
+    @register_jitable
+    def pair(key, i):
+        return pair_at(key + (i + _U1) * _GOLDEN)
+
+    @register_jitable(inline="always")
+    def normal(key, j):
+        z0, z1 = pair(key, j >> _U1)
+        return z1 if (j & _U1) != _U0 else z0
+
+    @register_jitable
+    def fill(out, key, start):
+        n = np.uint64(out.size)
+        k = _U0
+        if n == _U0:
+            return
+        if (start & _U1) != _U0:  # an odd first element: the second deviate of its pair
+            z0, z1 = pair(key, start >> _U1)
+            out[k] = z1
+            k = _U1
+        npairs = (n - k) >> _U1
+        counter = key + (((start + k) >> _U1) + _U1) * _GOLDEN
+        for q in range(npairs):  # the counter as a recurrence: no multiply in the loop
+            i = np.uint64(q)
+            z0, z1 = pair_at_inline(counter)
+            out[k + _U2 * i] = z0
+            out[k + _U2 * i + _U1] = z1
+            counter += _GOLDEN
+        k = k + _U2 * npairs
+        if k < n:  # an even last element: the first deviate of its pair
+            z0, z1 = pair(key, (start + k) >> _U1)
+            out[k] = z0
+
+    return pair, normal, fill

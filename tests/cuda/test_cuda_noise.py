@@ -1,0 +1,69 @@
+"""The noise generator on the CUDA target: ``generator(dtype, split="compare")`` is meant to be
+called from ``numba.cuda`` kernels (one thread per element) and give the CPU's deviates; the
+fused transforms themselves run on the CPU kernels only so far."""
+
+from __future__ import annotations
+
+import warnings
+
+import numba
+import numpy as np
+import pytest
+
+import fastopt as fo
+from fastopt.kernels import _build, noise
+
+_DRAW = """
+def draw(out, key, start):
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = normal(key, start + np.uint64(i))
+"""
+
+
+def _draw(cuda, dtype):
+    """A one-thread-per-element kernel over ``normal``; ``cuda`` must be a global of the
+    kernel's source for the simulator to swap in its own module."""
+    normal = noise.generator(dtype, "compare")[1]
+    return _build.compile_source(_DRAW, "draw", {"cuda": cuda, "normal": normal, "np": np})
+
+
+def _cpu(dtype, key, start, n):
+    fill = noise.generator(dtype)[2]
+
+    @numba.njit
+    def run(out, key, start):
+        fill(out, key, start)
+
+    out = np.empty(n, dtype)
+    run(out, key, np.uint64(start))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_kernel_draws_the_cpu_deviates(cuda, dtype):
+    key = noise.stream_key(3, 4)
+    out = cuda.device_array(37, dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the simulator runs the uint64 hash in NumPy
+        cuda.jit(_draw(cuda, dtype))[3, 16](out, key, np.uint64(5))
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(out.copy_to_host(), _cpu(dtype, key, 5, 37), rtol=8 * eps, atol=8 * eps)
+
+
+@pytest.mark.ptx
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_compare_split_compiles_to_ptx(dtype):
+    from numba import cuda, types
+
+    draw = _draw(cuda, dtype)
+    ftype = types.float32 if dtype == np.float32 else types.float64
+    ptx, _ = cuda.compile_ptx(draw, (ftype[::1], types.uint64, types.uint64))
+    assert "draw" in ptx
+
+
+def test_transforms_are_refused_on_gpu_arrays(cuda):
+    p = cuda.to_device(np.zeros(4, np.float32))
+    for options in ({"clip_grad_norm": 1.0}, {"skip_nonfinite": True}, {"grad_noise": (0.1, 0.5)}):
+        with pytest.raises(NotImplementedError, match="CPU kernels only"):
+            fo.Adam([p], **options)
