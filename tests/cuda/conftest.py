@@ -56,7 +56,7 @@ def _nvvm() -> str:
     try:  # NVVM alone is not enough when numba-cuda also needs NVRTC: try a real compile
         from numba import cuda
 
-        cuda.compile_ptx(lambda x: None, "void(float32)")
+        cuda.compile_ptx(lambda x: None, "void(float32)", cc=(8, 0))
     except Exception as exc:  # the toolkit is incomplete; say what is missing
         return f"cannot compile PTX here ({type(exc).__name__}: {exc})"
     return ""
