@@ -23,7 +23,8 @@ overhead included) beside :mod:`fastopt._numpy_baseline` (vectorized NumPy from 
 formula) and, when torch is installed, ``torch.optim``'s best CPU implementation
 (``fused=True`` where it exists, else ``foreach=True``), all with the same hyper-parameters on
 the same data. Each timing is the median of ``repeats`` runs after ``warmup`` steps (which
-also excludes compilation and takes RAdam past its first, SGD-like, steps).
+also excludes compilation and takes RAdam past its first, SGD-like, steps); the three
+implementations are timed in turns, so that a busy moment on a shared machine hits all three.
 
 Use it from Python as ``report = run(["adam"], [10**6])`` and ``print(format_table(report))``.
 """
@@ -126,31 +127,43 @@ def measure_bandwidth(n: int, dtype=np.float32, *, repeats: int = REPEATS, min_t
 
 
 # -- timing -------------------------------------------------------------------------------
-def time_per_call(fn: Callable[[], object], *, warmup: int = WARMUP, repeats: int = REPEATS,
-                  min_time: float = MIN_TIME, statistic: Callable = statistics.median) -> float:
-    """Median (or ``statistic``) seconds per call of ``fn`` over ``repeats`` runs, after
-    ``warmup`` calls.
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = WARMUP, repeats: int = REPEATS,
+                     min_time: float = MIN_TIME, statistic: Callable = statistics.median) -> dict[str, float]:
+    """Median (or ``statistic``) seconds per call of each function, timed in turns.
 
-    A run calls ``fn`` as many times as it takes to last ``min_time`` (found by doubling, as
-    ``timeit`` does), so that microsecond steps are not lost in the clock's resolution.
+    Each function is called ``warmup`` times, then the number of calls that lasts ``min_time``
+    is found by growing the count (as ``timeit`` does), so that microsecond steps are not lost
+    in the clock's resolution. Then ``repeats`` rounds each time every function once, in
+    turn: on a machine shared with other work, a busy moment slows all of them alike instead
+    of whichever happened to be running.
     """
-    for _ in range(warmup):
-        fn()
     clock = time.perf_counter
 
-    def run(number: int) -> float:
+    def run(fn, number: int) -> float:
         start = clock()
         for _ in range(number):
             fn()
         return clock() - start
 
-    number = 1
-    elapsed = run(number)
-    while elapsed < min_time and number < 1 << 24:
-        number *= 2 if elapsed <= 0 else max(2, min(10, int(1.2 * min_time / elapsed) + 1))
-        elapsed = run(number)
-    samples = [elapsed / number] + [run(number) / number for _ in range(max(repeats, 1) - 1)]
-    return statistic(samples)
+    numbers, samples = {}, {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        number = 1
+        elapsed = run(fn, number)
+        while elapsed < min_time and number < 1 << 24:
+            number *= 2 if elapsed <= 0 else max(2, min(10, int(1.2 * min_time / elapsed) + 1))
+            elapsed = run(fn, number)
+        numbers[name], samples[name] = number, [elapsed / number]
+    for _ in range(max(repeats, 1) - 1):
+        for name, fn in fns.items():
+            samples[name].append(run(fn, numbers[name]) / numbers[name])
+    return {name: statistic(values) for name, values in samples.items()}
+
+
+def time_per_call(fn: Callable[[], object], **kwargs) -> float:
+    """Seconds per call of one function; see :func:`time_interleaved` for the keywords."""
+    return time_interleaved({"fn": fn}, **kwargs)["fn"]
 
 
 # -- one optimizer ------------------------------------------------------------------------
@@ -218,35 +231,27 @@ def _torch_optimizer(spec: Spec, param, grad):
 def bench_rule(spec: Spec, n: int, dtype=np.float32, *, bandwidth: float, numpy: bool = True,
                torch: bool = True, warmup: int = WARMUP, repeats: int = REPEATS,
                min_time: float = MIN_TIME, seed: int = 0) -> Row:
-    """Time ``spec`` on ``n`` parameters: fastopt, then the NumPy baseline and torch."""
+    """Time ``spec`` on ``n`` parameters: fastopt, the NumPy baseline and torch, in turns."""
     import fastopt as fo
 
     rng = np.random.default_rng(seed)
     p0 = rng.standard_normal(n, dtype=np.float32).astype(dtype, copy=False)
     grad = rng.standard_normal(n, dtype=np.float32).astype(dtype, copy=False)
-    timing = functools.partial(time_per_call, warmup=warmup, repeats=repeats, min_time=min_time)
 
     opt = getattr(fo, spec.cls)([p0.copy()], **spec.options)
-    grads = [grad]
-    t_fastopt = timing(functools.partial(opt.step, grads))
-    nstate = sum(isinstance(v, np.ndarray) for v in opt.state[0].values())
-    opt = None  # free the buffers before the next implementation allocates its own
-
-    row = Row(spec.name, n, np.dtype(dtype).name, nstate, (3 + 2 * nstate) * np.dtype(dtype).itemsize,
-              bandwidth, t_fastopt)
+    steps = {"fastopt": functools.partial(opt.step, [grad])}
     if numpy:
-        baseline = spec.baseline(p0.copy(), **spec.options)
-        row.numpy = timing(functools.partial(baseline.step, grad))
-        baseline = None
+        steps["numpy"] = functools.partial(spec.baseline(p0.copy(), **spec.options).step, grad)
+    torch_impl = None
     if torch and torch_available():
-        import torch as _torch
-
-        topt, row.torch_impl = _torch_optimizer(spec, p0.copy(), grad)
-        with _torch.no_grad():
-            row.torch = timing(topt.step)
-        topt = None
+        topt, torch_impl = _torch_optimizer(spec, p0.copy(), grad)
+        steps["torch"] = topt.step  # torch.optim steps run without autograd
+    seconds = time_interleaved(steps, warmup=warmup, repeats=repeats, min_time=min_time)
+    nstate = sum(isinstance(v, np.ndarray) for v in opt.state[0].values())
+    steps = opt = None  # free every buffer before the next case allocates its own
     gc.collect()
-    return row
+    return Row(spec.name, n, np.dtype(dtype).name, nstate, (3 + 2 * nstate) * np.dtype(dtype).itemsize,
+               bandwidth, seconds["fastopt"], seconds.get("numpy"), seconds.get("torch"), torch_impl)
 
 
 @functools.cache

@@ -76,6 +76,15 @@ def test_time_per_call_warms_up_then_times():
     assert len(calls) > 3 + 4  # warm-up, then runs long enough to reach min_time
 
 
+def test_time_interleaved_times_every_function_in_turns():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    seconds = bench.time_interleaved(fns, warmup=2, repeats=3, min_time=0.0)
+    assert set(seconds) == {"a", "b"} and all(s > 0 for s in seconds.values())
+    # warm-up and calibration one function after the other, then rounds that alternate
+    assert order == ["a"] * 3 + ["b"] * 3 + ["a", "b", "a", "b"]
+
+
 def test_measure_bandwidth_is_positive():
     assert bench.measure_bandwidth(10_000, np.float32, repeats=2, min_time=1e-3) > 0
     assert bench.measure_bandwidth(100_000, np.float64, repeats=2, min_time=1e-3) > 0  # parallel kernel
