@@ -14,7 +14,7 @@ parameter, SGD with momentum 20, plain SGD 12) and a memory bandwidth :math:`B`.
 roofline. :math:`B` is measured in the same run by an in-place ``x += a * y`` pass written as
 a Numba ``prange`` kernel (12 bytes per float32 element), at every benchmarked size, so that a
 buffer that fits in cache is compared with the cache's bandwidth and a large one with DRAM's
-(the serial kernel below fastopt's ``SERIAL_THRESHOLD``, as fastopt itself does). :math:`B` is
+(serial or parallel by the rule fastopt itself uses, ``_build.use_parallel``). :math:`B` is
 the best of the runs, as STREAM reports it. A fraction above 100% means the probe itself ran
 slow (a busy machine): the optimizer touches more arrays than the probe, never fewer.
 
@@ -104,8 +104,8 @@ def axpy_kernel(parallel: bool) -> Callable:
     """``x += a * y`` in place as a Numba kernel: reads x and y, writes x (3 words/element).
 
     Compiled with fastopt's kernel settings. The serial version is what fastopt itself runs
-    below ``SERIAL_THRESHOLD`` elements, so small buffers are compared like with like. (Two
-    functions, not one compiled twice: Numba's cache does not key on ``parallel``.)
+    below ``PARALLEL_MIN_WORK`` element-streams, so small buffers are compared like with like.
+    (Two functions, not one compiled twice: Numba's cache does not key on ``parallel``.)
     """
     return njit(parallel=parallel, cache=_config.cache_enabled(), fastmath=_config.FASTMATH,
                 error_model=_config.ERROR_MODEL, nogil=True)(_axpy_parallel if parallel else _axpy_serial)
@@ -120,7 +120,7 @@ def measure_bandwidth(n: int, dtype=np.float32, *, repeats: int = REPEATS, min_t
     x = np.ones(n, dtype)
     y = np.ones(n, dtype)
     a = np.dtype(dtype).type(1e-7)
-    kernel = axpy_kernel(n >= _config.SERIAL_THRESHOLD)
+    kernel = axpy_kernel(3 * n >= _config.PARALLEL_MIN_WORK)  # 3 streams: read x, y; write x
     seconds = time_per_call(lambda: kernel(x, y, a), warmup=2, repeats=repeats, min_time=min_time,
                             statistic=min)
     return 3 * x.itemsize * n / seconds
