@@ -1,9 +1,10 @@
 """A kernel loaded from Numba's on-disk cache computes exactly what the freshly compiled kernel
 computed, and the parallel kernel matches the serial one bit for bit either way.
 
-Regression test: with LLVM's ``reassoc`` flag a cached parallel kernel rounded differently
-(1 ulp on ~5% of elements) from the process that compiled it, so results depended on whether
-the cache was warm."""
+Found while vectorizing the loops: with one loop shape and LLVM's ``reassoc`` flag, the cached
+parallel kernel rounded differently (1 ulp on ~4% of elements) from the process that compiled
+it, so results depended on whether the cache was warm. The first run here compiles and writes
+a private cache; the second loads it."""
 
 import os
 import subprocess
