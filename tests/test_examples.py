@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from fastopt.examples import trajectories as T
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
