@@ -15,8 +15,9 @@ roofline. :math:`B` is measured in the same run by an in-place ``x += a * y`` pa
 a Numba ``prange`` kernel (12 bytes per float32 element), at every benchmarked size, so that a
 buffer that fits in cache is compared with the cache's bandwidth and a large one with DRAM's
 (serial or parallel by the rule fastopt itself uses, ``_build.use_parallel``). :math:`B` is
-the best of the runs, as STREAM reports it. A fraction above 100% means the probe itself ran
-slow (a busy machine): the optimizer touches more arrays than the probe, never fewer.
+the best of the runs, as STREAM reports it. A fraction above 100% happens for small buffers,
+where a launch's fixed cost weighs more on the probe's 3 streams than on an optimizer's 5 to 9,
+and on a busy machine, where the probe itself ran slow; the large sizes are the ones to read.
 
 Every optimizer is timed through its public class (``fo.Adam([p]).step([g])``, Python
 overhead included) beside :mod:`fastopt._numpy_baseline` (vectorized NumPy from the same
