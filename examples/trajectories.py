@@ -143,8 +143,9 @@ def run(surface: Surface, steps: int | None = None) -> dict[str, np.ndarray]:
     return {label: trajectory(surface, label, steps) for label in OPTIMIZERS}
 
 
-def draw(ax, surface: Surface, paths: dict[str, np.ndarray]) -> None:
-    """Contours of ``surface`` and the paths on one matplotlib Axes."""
+def draw(ax, surface: Surface, paths: dict[str, np.ndarray]) -> dict:
+    """Contours of ``surface`` and the paths on one matplotlib Axes; returns each optimizer's
+    ``(line, end marker)`` so an animation can move them."""
     from matplotlib.colors import LogNorm
 
     xs = np.linspace(*surface.xlim, 300)
@@ -159,44 +160,76 @@ def draw(ax, surface: Surface, paths: dict[str, np.ndarray]) -> None:
         norm = None
     ax.contourf(X, Y, Z, levels=levels, norm=norm, cmap="Blues_r", alpha=0.35, extend="both")
     ax.contour(X, Y, Z, levels=levels, norm=norm, colors="#6a7f99", linewidths=0.35, alpha=0.8)
+    artists = {}
     for color, (label, path) in zip(COLORS, paths.items()):
-        ax.plot(path[:, 0], path[:, 1], color=color, linewidth=1.8, label=label, alpha=0.9)
-        ax.plot(path[-1, 0], path[-1, 1], "o", color=color, markersize=5, markeredgecolor="white",
-                markeredgewidth=0.6)
+        (line,) = ax.plot(path[:, 0], path[:, 1], color=color, linewidth=1.8, label=label, alpha=0.9)
+        (end,) = ax.plot(path[-1, 0], path[-1, 1], "o", color=color, markersize=5,
+                         markeredgecolor="white", markeredgewidth=0.6)
+        artists[label] = (line, end)
     ax.plot(*surface.start, "o", color="white", markeredgecolor="black", markersize=9, zorder=5)
     if surface.minimum is not None:
         ax.plot(*surface.minimum, "*", color="gold", markeredgecolor="black", markersize=16)
     ax.set_xlim(surface.xlim)
     ax.set_ylim(surface.ylim)
-    ax.set_title(f"{surface.name}: {len(next(iter(paths.values()))) - 1} steps from {surface.start}")
+    ax.set_title(f"{surface.name}: {max(len(p) for p in paths.values()) - 1} steps from {surface.start}")
     ax.set_box_aspect(1)
+    return artists
 
 
-def main(out_dir: str = ".", small: bool = False) -> list[str]:
-    """Draw all three surfaces into ``out_dir/trajectories.png``; return the paths written.
+def main(out_dir: str = ".", small: bool = False, gif: bool = False, frames: int = 40) -> list[str]:
+    """Draw all three surfaces into ``out_dir/trajectories.png`` (and, with ``gif``, an
+    animation of the paths growing step by step, ``trajectories.gif``, ``frames`` frames);
+    return the paths written.
 
     ``small`` runs a quarter of the steps (what ``fastopt demo`` and the tests use).
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(18, 6.6), layout="constrained")
+    FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(SURFACES))
+    panels = []
     for ax, surface in zip(axes, SURFACES.values()):
-        draw(ax, surface, run(surface, surface.steps // 4 if small else None))
+        paths = run(surface, surface.steps // 4 if small else None)
+        panels.append((paths, draw(ax, surface, paths)))
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=len(OPTIMIZERS), fontsize=11)
     fig.suptitle("fastopt's optimizers from the same start (white dot); the star marks the minimum",
                  fontsize=13)
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "trajectories.png")
-    fig.savefig(path, dpi=100)
-    return [path]
+    written = [os.path.join(out_dir, "trajectories.png")]
+    fig.savefig(written[0], dpi=100)
+    if gif:
+        written.append(os.path.join(out_dir, "trajectories.gif"))
+        animate(fig, panels, written[1], frames)
+    return written
+
+
+def animate(fig, panels: list, path: str, frames: int) -> None:
+    """Save ``fig`` as a GIF whose paths grow from the start to their last step."""
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    def update(frame: int):
+        moved = []
+        for paths, artists in panels:
+            steps = max(len(p) for p in paths.values()) - 1
+            k = round(steps * frame / (frames - 1))
+            for label, (line, end) in artists.items():
+                shown = paths[label][: k + 1]
+                line.set_data(shown[:, 0], shown[:, 1])
+                end.set_data(shown[-1:, 0], shown[-1:, 1])
+                moved += [line, end]
+        return moved
+
+    FuncAnimation(fig, update, frames=frames, blit=False).save(path, writer=PillowWriter(fps=10), dpi=45)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=".", help="directory for trajectories.png")
     parser.add_argument("--small", action="store_true", help="a quarter of the steps")
+    parser.add_argument("--gif", action="store_true", help="also write trajectories.gif (an animation)")
     args = parser.parse_args()
-    for written in main(args.out, args.small):
+    for written in main(args.out, args.small, args.gif):
         print("wrote", written)

@@ -73,6 +73,15 @@ def test_trajectories_picture(tmp_path):
     assert_png(written[0])
 
 
+def test_trajectories_animation(tmp_path):
+    pytest.importorskip("matplotlib")
+    image = pytest.importorskip("PIL.Image")
+    written = T.main(out_dir=str(tmp_path), small=True, gif=True, frames=3)
+    assert written[1] == str(tmp_path / "trajectories.gif")
+    with image.open(written[1]) as gif:
+        assert gif.format == "GIF" and gif.n_frames == 3
+
+
 # -- the digits MLP ---------------------------------------------------------------------------
 def test_mlp_gradients_match_finite_differences():
     from fastopt.examples.mlp_digits import MLP
