@@ -11,21 +11,22 @@ bounded below by
 for :math:`n` parameters with :math:`k` state buffers (read :math:`p, g` and the :math:`k`
 buffers, write :math:`p` and the :math:`k` buffers: Adam in float32 moves 28 bytes per
 parameter, SGD with momentum 20, plain SGD 12) and a memory bandwidth :math:`B`. That is the
-roofline. :math:`B` is measured in the same run by an in-place ``x += a * y`` pass written as
-a Numba ``prange`` kernel (12 bytes per float32 element), at every benchmarked size, so that a
-buffer that fits in cache is compared with the cache's bandwidth and a large one with DRAM's
-(serial or parallel by the rule fastopt itself uses, ``_build.use_parallel``). :math:`B` is
-the best of the runs, as STREAM reports it. A fraction above 100% happens for small buffers,
-where a launch's fixed cost weighs more on the probe's 3 streams than on an optimizer's 5 to 9,
-and on a busy machine, where the probe itself ran slow; the large sizes are the ones to read.
+roofline. :math:`B` is measured by an in-place ``x += a * y`` pass written as a Numba
+``prange`` kernel (12 bytes per float32 element) on arrays of the same size, so that a buffer
+that fits in cache is compared with the cache's bandwidth and a large one with DRAM's (serial
+or parallel by the rule fastopt itself uses, ``_build.use_parallel``). The probe is timed in
+turns with the optimizers of each row, so that a neighbour's burst on a shared machine (which
+takes memory bandwidth as well as cores) lowers both alike; the header shows the median of
+the rows' probes. A fraction above 100% happens for small buffers, where a launch's fixed cost
+weighs more on the probe's 3 streams than on an optimizer's 5 to 9; read the large sizes.
 
 Every optimizer is timed through its public class (``fo.Adam([p]).step([g])``, Python
 overhead included) beside :mod:`fastopt._numpy_baseline` (vectorized NumPy from the same
 formula) and, when torch is installed, ``torch.optim``'s best CPU implementation
 (``fused=True`` where it exists, else ``foreach=True``), all with the same hyper-parameters on
 the same data. Each timing is the median of ``repeats`` runs after ``warmup`` steps (which
-also excludes compilation and takes RAdam past its first, SGD-like, steps); the three
-implementations are timed in turns, so that a busy moment on a shared machine hits all three.
+also excludes compilation and takes RAdam past its first, SGD-like, steps); the probe and the
+three implementations are timed in turns, so that a busy moment hits all of them.
 
 Use it from Python as ``report = run(["adam"], [10**6])`` and ``print(format_table(report))``.
 """
@@ -177,7 +178,7 @@ class Row:
     dtype: str
     state_buffers: int
     bytes_per_param: int
-    bandwidth: float  # bytes/s of x += a*y at this size
+    bandwidth: float  # bytes/s of x += a*y at this size, timed in turns with this row
     fastopt: float
     numpy: float | None = None
     torch: float | None = None
@@ -229,10 +230,11 @@ def _torch_optimizer(spec: Spec, param, grad):
     return cls([tp], **spec.options), "for-loop"
 
 
-def bench_rule(spec: Spec, n: int, dtype=np.float32, *, bandwidth: float, numpy: bool = True,
+def bench_rule(spec: Spec, n: int, dtype=np.float32, *, numpy: bool = True,
                torch: bool = True, warmup: int = WARMUP, repeats: int = REPEATS,
                min_time: float = MIN_TIME, seed: int = 0) -> Row:
-    """Time ``spec`` on ``n`` parameters: fastopt, the NumPy baseline and torch, in turns."""
+    """Time ``spec`` on ``n`` parameters: the ``x += a * y`` probe, fastopt, the NumPy baseline
+    and torch, in turns."""
     import fastopt as fo
 
     rng = np.random.default_rng(seed)
@@ -240,7 +242,9 @@ def bench_rule(spec: Spec, n: int, dtype=np.float32, *, bandwidth: float, numpy:
     grad = rng.standard_normal(n, dtype=np.float32).astype(dtype, copy=False)
 
     opt = getattr(fo, spec.cls)([p0.copy()], **spec.options)
-    steps = {"fastopt": functools.partial(opt.step, [grad])}
+    x, y, a = np.ones(n, dtype), np.ones(n, dtype), np.dtype(dtype).type(1e-7)
+    steps = {"probe": functools.partial(axpy_kernel(3 * n >= _config.PARALLEL_MIN_WORK), x, y, a),
+             "fastopt": functools.partial(opt.step, [grad])}
     if numpy:
         steps["numpy"] = functools.partial(spec.baseline(p0.copy(), **spec.options).step, grad)
     torch_impl = None
@@ -249,8 +253,9 @@ def bench_rule(spec: Spec, n: int, dtype=np.float32, *, bandwidth: float, numpy:
         steps["torch"] = topt.step  # torch.optim steps run without autograd
     seconds = time_interleaved(steps, warmup=warmup, repeats=repeats, min_time=min_time)
     nstate = sum(isinstance(v, np.ndarray) for v in opt.state[0].values())
-    steps = opt = None  # free every buffer before the next case allocates its own
+    steps = opt = x = y = None  # free every buffer before the next case allocates its own
     gc.collect()
+    bandwidth = 3 * np.dtype(dtype).itemsize * n / seconds["probe"]
     return Row(spec.name, n, np.dtype(dtype).name, nstate, (3 + 2 * nstate) * np.dtype(dtype).itemsize,
                bandwidth, seconds["fastopt"], seconds.get("numpy"), seconds.get("torch"), torch_impl)
 
@@ -273,7 +278,7 @@ class Report:
     machine: dict
     dtype: str
     threads: int
-    bandwidth: dict[int, float]  # size -> bytes/s
+    bandwidth: dict[int, float]  # size -> bytes/s of x += a*y, the median of the rows' probes
     rows: list[Row] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -352,7 +357,7 @@ def progress_bar(total: int, enabled: bool = True):
 def run(rules: Sequence[str] = tuple(SPECS), sizes: Sequence[int] = DEFAULT_SIZES, dtype: str = "float32", *,
         threads: int | None = None, numpy: bool = True, torch: bool = True, repeats: int = REPEATS,
         warmup: int = WARMUP, min_time: float = MIN_TIME, progress: bool = False) -> Report:
-    """Measure the bandwidth, then every rule at every size; see the module docstring.
+    """Every rule at every size, each beside the bandwidth probe; see the module docstring.
 
     ``threads`` sets Numba's (and torch's) thread count for the run and restores it after.
     """
@@ -382,24 +387,19 @@ def run(rules: Sequence[str] = tuple(SPECS), sizes: Sequence[int] = DEFAULT_SIZE
             previous_torch = _torch.get_num_threads()
             _torch.set_num_threads(threads)
     start = time.perf_counter()
-    bar = progress_bar(len(sizes) * (1 + len(rules)), progress)
+    bar = progress_bar(len(sizes) * len(rules), progress)
     try:
         report = Report(machine_info(), dtype, numba.get_num_threads(), {})
-        for n in sizes:
-            if bar is not None:
-                bar.set_description(f"x += a*y, n={n:.0e}")
-            report.bandwidth[n] = measure_bandwidth(n, np_dtype, repeats=repeats, min_time=min_time)
-            if bar is not None:
-                bar.update(1)
         for rule in rules:
             for n in sizes:
                 if bar is not None:
                     bar.set_description(f"{rule}, n={n:.0e}")
-                report.rows.append(bench_rule(SPECS[rule], n, np_dtype, bandwidth=report.bandwidth[n],
-                                              numpy=numpy, torch=use_torch, warmup=warmup,
-                                              repeats=repeats, min_time=min_time))
+                report.rows.append(bench_rule(SPECS[rule], n, np_dtype, numpy=numpy, torch=use_torch,
+                                              warmup=warmup, repeats=repeats, min_time=min_time))
                 if bar is not None:
                     bar.update(1)
+        for n in sizes:
+            report.bandwidth[n] = statistics.median(r.bandwidth for r in report.rows if r.size == n)
     finally:
         if bar is not None:
             bar.close()
@@ -424,7 +424,7 @@ def format_table(report: Report) -> str:
     lines = [
         (f"fastopt {_version()} bench: {m['cpu']}, {m['cores']} cores, {report.threads} Numba threads, "
          f"{report.dtype}"),
-        "memory bandwidth (x += a*y, in place): "
+        "memory bandwidth (x += a*y in place, median beside the rows): "
         + ", ".join(f"{b / 1e9:.1f} GB/s at n={_size(n)}" for n, b in report.bandwidth.items()),
         "",
     ]
@@ -447,6 +447,7 @@ def format_table(report: Report) -> str:
     lines.extend(fmt(row) for row in table)
     lines.append("")
     lines.append("ms/step: median fastopt step; GB/s: bytes a fused step must move (B/param) per second; "
-                 "roofline: GB/s over x += a*y's at the same size; vs: the other's time over fastopt's. "
+                 "roofline: GB/s over x += a*y's at the same size, timed in turns with the row; "
+                 "vs: the other's time over fastopt's. "
                  f"{report.seconds:.0f} s.")
     return "\n".join(lines)

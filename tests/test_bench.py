@@ -44,12 +44,11 @@ def test_numpy_baseline_matches_fastopt(name, dtype, rng):
 
 def test_bytes_per_param_follow_the_state_buffers():
     for name, expected in EXPECTED_BYTES.items():
-        row = bench.bench_rule(bench.SPECS[name], 1000, np.float32, bandwidth=1e9, numpy=False, torch=False,
-                               **QUICK)
+        row = bench.bench_rule(bench.SPECS[name], 1000, np.float32, numpy=False, torch=False, **QUICK)
         assert row.bytes_per_param == expected, name
         assert row.state_buffers == (expected // 4 - 3) // 2
-    row = bench.bench_rule(bench.SPECS["adam"], 1000, np.float64, bandwidth=1e9, numpy=False, torch=False,
-                           **QUICK)
+        assert row.bandwidth > 0 and row.fastopt > 0
+    row = bench.bench_rule(bench.SPECS["adam"], 1000, np.float64, numpy=False, torch=False, **QUICK)
     assert row.bytes_per_param == 56
 
 
@@ -93,7 +92,7 @@ def test_measure_bandwidth_is_positive():
 def test_run_and_table():
     report = bench.run(["sgd", "adam"], [2000], "float32", numpy=True, torch=False, **QUICK)
     assert [r.rule for r in report.rows] == ["sgd", "adam"]
-    assert report.bandwidth[2000] > 0
+    assert report.bandwidth[2000] == np.median([r.bandwidth for r in report.rows]) > 0
     for r in report.rows:
         assert r.fastopt > 0 and r.numpy > 0 and r.torch is None
     table = bench.format_table(report)
@@ -129,8 +128,7 @@ def test_plain_progress_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # import tqdm -> ImportError
     bench.run(["sgd"], [100], numpy=False, torch=False, progress=True, **QUICK)
     err = capsys.readouterr().err
-    assert "[1/2] x += a*y, n=1e+02" in err
-    assert "[2/2] sgd, n=1e+02" in err
+    assert "[1/1] sgd, n=1e+02" in err
 
 
 def test_torch_picks_fused_where_it_exists():
