@@ -5,11 +5,11 @@ and backward by hand, the gradients written into preallocated arrays. fastopt on
 and their gradients, the way it sits in any hand-written trainer:
 
     params = [W1, b1, W2, b2]; grads = [gW1, gb1, gW2, gb2]
-    opt = fo.Adam(params, lr=schedule)         # lr: a float or a callable step -> lr
+    schedule = fo.schedules.warmup_cosine(0.03, warmup_steps=64, total_steps=1290)
+    opt = fo.Adam(params, lr=schedule, clip_grad_norm=5.0)   # lr: a float or any step -> lr
     for xb, yb in batches:
         loss = model.loss_and_grads(xb, yb, grads)
-        clip_grad_norm(grads, max_norm=5.0)
-        opt.step(grads)                          # one fused pass per array, in place
+        opt.step(grads)        # clipped to global norm 5 inside the fused pass, in place
 
 Two comparisons, both from seed 003:
 
@@ -36,6 +36,9 @@ from collections.abc import Callable
 import numpy as np
 
 import fastopt as fo
+
+#: Gradients are clipped to this global L2 norm (fastopt's fused ``clip_grad_norm``).
+MAX_NORM = 5.0
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25, dtype=np.float32):
@@ -101,59 +104,33 @@ class MLP:
         return loss
 
 
-def clip_grad_norm(grads: list[np.ndarray], max_norm: float) -> float:
-    """Scale ``grads`` in place so that their global L2 norm is at most ``max_norm``; return the
-    norm before clipping (as ``torch.nn.utils.clip_grad_norm_`` does)."""
-    norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads))
-    if norm > max_norm:
-        for g in grads:
-            g *= max_norm / (norm + 1e-6)
-    return norm
-
-
-def warmup_cosine(peak: float, warmup: int, total: int, floor: float = 0.0) -> Callable[[int], float]:
-    r"""``n -> lr``: linear warm-up from 0 to ``peak`` over ``warmup`` steps, then a cosine
-    decay to ``floor`` at step ``total``:
-    :math:`\eta_n = \text{floor} + \tfrac12(\text{peak} - \text{floor})(1 + \cos(\pi\,\frac{n - w}{T - w}))`.
-
-    Any callable ``step -> lr`` works as a fastopt ``lr``; ``fastopt.schedules`` has ready-made ones.
-    """
-    if not 0 <= warmup < total:
-        raise ValueError(f"need 0 <= warmup < total, got warmup={warmup}, total={total}")
-
-    def lr(n: int) -> float:
-        if n < warmup:
-            return peak * (n + 1) / warmup
-        progress = min(1.0, (n - warmup) / (total - warmup))
-        return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
-
-    return lr
-
-
 def train(make_optimizer: Callable, data, *, batch_size: int, epochs: int, lr: float, seed: int = 0,
-          max_norm: float = 5.0) -> dict:
-    """Train a fresh MLP; return the training loss before and after each epoch and test accuracy.
+          max_norm: float = MAX_NORM) -> dict:
+    """Train a fresh MLP; return the training loss before and after each epoch, the test
+    accuracy and the gradient norm of every step (before clipping).
 
-    ``make_optimizer(params, lr)`` builds the optimizer; ``lr`` is the schedule's peak.
+    ``make_optimizer(params, lr, **options)`` builds the optimizer, ``lr`` being a warm-up +
+    cosine schedule peaking at ``lr`` and the options ``clip_grad_norm=max_norm``.
     """
     X, y, X_test, y_test = data
     model = MLP(X.shape[1], seed=seed, dtype=X.dtype)
     grads = model.zeros_like()
     steps_per_epoch = math.ceil(len(y) / batch_size)
     total = steps_per_epoch * epochs
-    schedule = warmup_cosine(lr, warmup=max(1, total // 20) if total > 1 else 0, total=total)
-    opt = make_optimizer(model.params, schedule)
+    schedule = fo.schedules.warmup_cosine(lr, warmup_steps=total // 20, total_steps=total)
+    opt = make_optimizer(model.params, schedule, clip_grad_norm=max_norm)
     rng = np.random.default_rng(seed + 1)
-    losses = [model.loss(X, y)]
+    losses, norms = [model.loss(X, y)], []
     for _ in range(epochs):
         order = rng.permutation(len(y))
         for start in range(0, len(y), batch_size):
             batch = order[start : start + batch_size]
             model.loss_and_grads(X[batch], y[batch], grads)
-            clip_grad_norm(grads, max_norm)
-            opt.step(grads)
+            opt.step(grads)  # clipping happens inside the fused update; grads are not modified
+            norms.append(opt.last_grad_norm)
         losses.append(model.loss(X, y))
-    return {"loss": np.array(losses), "test_accuracy": model.accuracy(X_test, y_test), "steps": total}
+    return {"loss": np.array(losses), "test_accuracy": model.accuracy(X_test, y_test), "steps": total,
+            "grad_norms": np.array(norms)}
 
 
 # Peak learning rates: for each entry, the best test accuracy of four rates a factor 3 apart
@@ -168,17 +145,17 @@ GD_VARIANTS = {
 
 #: label -> (factory, peak lr) for the optimizer comparison on mini-batches of 32.
 OPTIMIZERS = {
-    "SGD": (lambda p, lr: fo.SGD(p, lr=lr), 0.6),
-    "SGD momentum": (lambda p, lr: fo.SGD(p, lr=lr, momentum=0.9), 0.15),
-    "SGD Nesterov": (lambda p, lr: fo.SGD(p, lr=lr, momentum=0.9, nesterov=True), 0.15),
-    "Adagrad": (lambda p, lr: fo.Adagrad(p, lr=lr), 0.15),
-    "Adadelta": (lambda p, lr: fo.Adadelta(p, lr=lr), 10.0),
-    "RMSprop": (lambda p, lr: fo.RMSprop(p, lr=lr), 0.02),
-    "Adam": (lambda p, lr: fo.Adam(p, lr=lr), 0.03),
-    "AdamW": (lambda p, lr: fo.AdamW(p, lr=lr, weight_decay=1e-2), 0.03),
-    "Adamax": (lambda p, lr: fo.Adamax(p, lr=lr), 0.06),
-    "NAdam": (lambda p, lr: fo.NAdam(p, lr=lr), 0.03),
-    "RAdam": (lambda p, lr: fo.RAdam(p, lr=lr), 0.03),
+    "SGD": (lambda p, lr, **kw: fo.SGD(p, lr=lr, **kw), 0.6),
+    "SGD momentum": (lambda p, lr, **kw: fo.SGD(p, lr=lr, momentum=0.9, **kw), 0.15),
+    "SGD Nesterov": (lambda p, lr, **kw: fo.SGD(p, lr=lr, momentum=0.9, nesterov=True, **kw), 0.15),
+    "Adagrad": (lambda p, lr, **kw: fo.Adagrad(p, lr=lr, **kw), 0.15),
+    "Adadelta": (lambda p, lr, **kw: fo.Adadelta(p, lr=lr, **kw), 10.0),
+    "RMSprop": (lambda p, lr, **kw: fo.RMSprop(p, lr=lr, **kw), 0.02),
+    "Adam": (lambda p, lr, **kw: fo.Adam(p, lr=lr, **kw), 0.03),
+    "AdamW": (lambda p, lr, **kw: fo.AdamW(p, lr=lr, weight_decay=1e-2, **kw), 0.03),
+    "Adamax": (lambda p, lr, **kw: fo.Adamax(p, lr=lr, **kw), 0.06),
+    "NAdam": (lambda p, lr, **kw: fo.NAdam(p, lr=lr, **kw), 0.03),
+    "RAdam": (lambda p, lr, **kw: fo.RAdam(p, lr=lr, **kw), 0.03),
 }
 
 
@@ -192,7 +169,8 @@ def run(epochs: int = 30, seed: int = 0, subset: int | None = None) -> dict:
     for name, (batch_size, lr) in GD_VARIANTS.items():
         batch_size = batch_size or len(y)
         variants[f"{name} GD ({batch_size} per step, lr {lr:g})"] = train(
-            lambda p, s: fo.SGD(p, lr=s), data, batch_size=batch_size, epochs=epochs, lr=lr, seed=seed)
+            lambda p, s, **kw: fo.SGD(p, lr=s, **kw), data, batch_size=batch_size, epochs=epochs, lr=lr,
+            seed=seed)
     optimizers = {f"{label} (lr {lr:g})": train(factory, data, batch_size=32, epochs=epochs, lr=lr, seed=seed)
                   for label, (factory, lr) in OPTIMIZERS.items()}
     return {"variants": variants, "optimizers": optimizers, "n_train": len(y)}

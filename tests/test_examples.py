@@ -107,28 +107,6 @@ def test_mlp_gradients_match_finite_differences():
         np.testing.assert_allclose(g, numeric, rtol=1e-6, atol=1e-8)
 
 
-def test_warmup_cosine():
-    from fastopt.examples.mlp_digits import warmup_cosine
-
-    lr = warmup_cosine(1.0, warmup=4, total=14)
-    assert [lr(n) for n in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr(4) == 1.0
-    assert lr(9) == pytest.approx(0.5)
-    assert lr(14) == pytest.approx(0.0, abs=1e-15)
-    with pytest.raises(ValueError, match="warmup"):
-        warmup_cosine(1.0, warmup=10, total=10)
-
-
-def test_clip_grad_norm():
-    from fastopt.examples.mlp_digits import clip_grad_norm
-
-    grads = [np.full(4, 3.0), np.full(9, 4.0 / 3.0)]  # norm sqrt(36 + 16) = sqrt(52)
-    assert clip_grad_norm(grads, 100.0) == pytest.approx(math.sqrt(52))
-    np.testing.assert_array_equal(grads[0], 3.0)
-    clip_grad_norm(grads, 1.0)
-    assert math.sqrt(sum(float(g @ g) for g in grads)) == pytest.approx(1.0, rel=1e-5)
-
-
 @pytest.fixture(scope="module")
 def mlp_results():
     pytest.importorskip("sklearn")
@@ -147,6 +125,17 @@ def test_mlp_training_lowers_the_loss(mlp_results):
                 assert np.all(np.diff(loss) < 0), f"{label}: {loss}"
     adam = next(r for label, r in mlp_results["optimizers"].items() if label.startswith("Adam "))
     assert adam["test_accuracy"] > 0.85
+
+
+def test_mlp_gradient_norms_are_recorded_and_clipping_engages(mlp_results):
+    from fastopt.examples.mlp_digits import MAX_NORM
+
+    for key in ("variants", "optimizers"):
+        for label, r in mlp_results[key].items():
+            norms = r["grad_norms"]
+            assert len(norms) == r["steps"] and np.all(np.isfinite(norms)) and np.all(norms > 0), label
+    stochastic = next(r for label, r in mlp_results["variants"].items() if label.startswith("stochastic"))
+    assert stochastic["grad_norms"].max() > MAX_NORM  # single examples give large gradients
 
 
 def test_more_updates_per_epoch_learn_more_per_epoch(mlp_results):
