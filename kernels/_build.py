@@ -123,6 +123,9 @@ def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):
 def _source_hash(rule: Rule, template: str) -> str:
     h = hashlib.sha256(template.encode())
     h.update(repr((rule.name, rule.state, rule.scalars)).encode())
+    # the compile settings too: Numba's cache does not see them, and a kernel cached under
+    # other flags must not be loaded
+    h.update(repr((sorted(_config.FASTMATH), _config.ERROR_MODEL)).encode())
     try:
         with open(inspect.getsourcefile(rule.element), "rb") as f:
             h.update(f.read())
