@@ -11,7 +11,7 @@ from fastopt.torch_compat import from_torch_state_dict, to_torch_state_dict
 torch = pytest.importorskip("torch")
 
 SHAPES = [(5, 13), (31,), ()]
-TOL = dict(rtol=2e-5, atol=1e-6)
+TOL = {"rtol": 2e-5, "atol": 1e-6}
 
 
 def grads_for(rng, shapes):
@@ -153,7 +153,7 @@ def test_schedules_are_kept_on_load_and_evaluated_on_export(rng):
 
 
 def test_bad_torch_state_dicts_change_nothing(rng):
-    params, opt, tparams, topt = make_pair(next(c for c in TORCH_CASES if c.id == "adam"), rng)
+    _, opt, tparams, topt = make_pair(next(c for c in TORCH_CASES if c.id == "adam"), rng)
     opt.step(grads_for(rng, SHAPES))
     before = [{k: np.copy(v) for k, v in e.items()} for e in opt.state]
     torch_step(topt, tparams, grads_for(rng, SHAPES))
