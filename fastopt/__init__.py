@@ -21,6 +21,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
     __path__.append(_checkout)
 
 from . import schedules  # noqa: E402
+from .checkpoint import CheckpointError, load, save  # noqa: E402
 from .early_stopping import EarlyStopping  # noqa: E402
 from .flat import FlatParams  # noqa: E402
 from .optimizer import Optimizer  # noqa: E402
@@ -32,4 +33,4 @@ __version__ = "0.1.0"
 __all__ = ["Optimizer", "SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax",
            "NAdam", "RAdam", "__version__"]
 __all__ += ["EarlyStopping", "clip_grad_norm_", "grad_norm", "schedules"]
-__all__ += ["FlatParams"]
+__all__ += ["FlatParams", "save", "load", "CheckpointError"]
