@@ -1,0 +1,130 @@
+"""One Adam step over a model of many tensors: FlatParams vs separate arrays vs torch.optim.
+
+The model: 500 tensors of mixed sizes (250 weight matrices of varied shapes and their bias
+vectors), about 1e7 float32 parameters in all. Compared, one step each:
+
+- ``flat``: ``fo.Adam(flat)``, one FlatParams, one group: one kernel launch;
+- ``flat-2groups``: the same with weights and biases in two param groups (different weight
+  decay): still one launch, so it should cost the same as one group;
+- ``one-buffer``: ``fo.Adam([x])`` with one plain array of the same total size (the bound
+  for ``flat``: no segments, no padding);
+- ``list``: ``fo.Adam(list_of_500_arrays)``, the per-array path: 500 launches;
+- ``torch-fused``: ``torch.optim.Adam(fused=True)`` over the same 500 tensors.
+
+In the ordinary test run (``--benchmark-disable``) this is a smoke test on a small model.
+For the real numbers::
+
+    FASTOPT_BENCH_FULL=1 pytest bench/test_bench_flat.py --benchmark-enable \\
+        --benchmark-json=flat.json
+
+Traffic: Adam moves 28 bytes per float32 parameter per step (reads p, g, m, v; writes p, m,
+v), recorded as ``extra_info["bytes_per_step"]``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import fastopt as fo
+
+FULL = os.environ.get("FASTOPT_BENCH_FULL", "") not in ("", "0")
+NTENSORS = 500
+TARGET = 10_000_000 if FULL else 200_000
+LR = 1e-3
+
+
+def model_shapes(total: int = TARGET, ntensors: int = NTENSORS, seed: int = 0) -> dict[str, tuple]:
+    """``ntensors // 2`` layers, each a weight (rows, cols) and a bias (cols,), ~``total`` elements."""
+    rng = np.random.default_rng(seed)
+    layers = ntensors // 2
+    cols = rng.integers(16, 1024, size=layers)
+    weight = rng.lognormal(0.0, 1.0, size=layers)
+    budget = total - int(cols.sum())
+    rows = np.maximum(1, np.round(weight / weight.sum() * budget / cols)).astype(int)
+    shapes = {}
+    for i in range(layers):
+        shapes[f"layer{i}.weight"] = (int(rows[i]), int(cols[i]))
+        shapes[f"layer{i}.bias"] = (int(cols[i]),)
+    return shapes
+
+
+SHAPES = model_shapes()
+NPARAMS = sum(int(np.prod(s)) for s in SHAPES.values())
+
+
+def fill(arrays, seed):
+    """Small random values, the same for every contender (NumPy arrays or torch tensors)."""
+    rng = np.random.default_rng(seed)
+    for a in arrays:
+        values = rng.standard_normal(tuple(a.shape), dtype=np.float32) * np.float32(0.01)
+        if isinstance(a, np.ndarray):
+            a[...] = values
+        else:
+            a.copy_(__import__("torch").from_numpy(values))
+
+
+@pytest.fixture
+def info(benchmark):
+    benchmark.group = f"adam-step|{len(SHAPES)} tensors|{NPARAMS:.2e} params"
+    benchmark.extra_info.update(params=NPARAMS, tensors=len(SHAPES), bytes_per_step=28 * NPARAMS)
+    return benchmark
+
+
+def run(benchmark, step):
+    step()  # compile and touch every buffer before timing
+    benchmark(step)
+
+
+def flat_model():
+    flat = fo.FlatParams(SHAPES)
+    grads = flat.zeros_like()
+    fill([flat.buffer], 1)
+    fill([grads.buffer], 2)
+    return flat, grads
+
+
+def test_flat(info):
+    flat, grads = flat_model()
+    opt = fo.Adam(flat, lr=LR)
+    run(info, lambda: opt.step(grads))
+
+
+def test_flat_two_groups(info):
+    flat, grads = flat_model()
+    opt = fo.Adam([{"params": flat.select("*.weight"), "weight_decay": 1e-2},
+                   {"params": flat.select("*.bias"), "weight_decay": 0.0}], lr=LR)
+    run(info, lambda: opt.step(grads))
+
+
+def test_one_buffer(info):
+    p = np.zeros(NPARAMS, np.float32)
+    g = np.zeros(NPARAMS, np.float32)
+    fill([p], 1)
+    fill([g], 2)
+    opt = fo.Adam([p], lr=LR)
+    run(info, lambda: opt.step([g]))
+
+
+def test_list(info):
+    params = [np.zeros(s, np.float32) for s in SHAPES.values()]
+    grads = [np.zeros(s, np.float32) for s in SHAPES.values()]
+    fill(params, 1)
+    fill(grads, 2)
+    opt = fo.Adam(params, lr=LR)
+    run(info, lambda: opt.step(grads))
+
+
+def test_torch_fused(info):
+    torch = pytest.importorskip("torch")
+    info.extra_info["torch_threads"] = torch.get_num_threads()
+    params = [torch.zeros(s, dtype=torch.float32, requires_grad=True) for s in SHAPES.values()]
+    with torch.no_grad():
+        fill(params, 1)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    fill([p.grad for p in params], 2)
+    opt = torch.optim.Adam(params, lr=LR, fused=True)
+    run(info, opt.step)
