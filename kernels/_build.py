@@ -31,8 +31,9 @@ then runs the loop above on ``g * grad_scale + noise_std * z``. The noise-free l
 plain template, unchanged.
 
 The generated source is compiled under this file's name, so Numba's on-disk cache works for
-it; the function name carries a hash of the rule's source file and the template, so editing
-either never loads a stale cache entry.
+it; the function name carries a hash of the rule's source file, the template and the compile
+flags (``_config``), so editing
+any of them never loads a stale cache entry.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):
 def _source_hash(rule: Rule, template: str) -> str:
     h = hashlib.sha256(template.encode())
     h.update(repr((rule.name, rule.state, rule.scalars)).encode())
+    # Numba's cache key ignores compile flags: editing them must change the name
+    h.update(repr((sorted(_config.FASTMATH), _config.ERROR_MODEL)).encode())
     try:
         with open(inspect.getsourcefile(rule.element), "rb") as f:
             h.update(f.read())
