@@ -17,6 +17,10 @@ For the real numbers::
     FASTOPT_BENCH_FULL=1 pytest bench/test_bench_flat.py --benchmark-enable \\
         --benchmark-json=flat.json
 
+pytest-benchmark times the contenders one after another, so on a shared machine a change of
+load between them skews the ratios; ``FASTOPT_BENCH_FULL=1 python bench/test_bench_flat.py``
+times them round-robin instead and prints the medians and the ratios.
+
 Traffic: Adam moves 28 bytes per float32 parameter per step (reads p, g, m, v; writes p, m,
 v), recorded as ``extra_info["bytes_per_step"]``.
 """
@@ -73,11 +77,6 @@ def info(benchmark):
     return benchmark
 
 
-def run(benchmark, step):
-    step()  # compile and touch every buffer before timing
-    benchmark(step)
-
-
 def flat_model():
     flat = fo.FlatParams(SHAPES)
     grads = flat.zeros_like()
@@ -86,40 +85,39 @@ def flat_model():
     return flat, grads
 
 
-def test_flat(info):
+def setup_flat():
     flat, grads = flat_model()
     opt = fo.Adam(flat, lr=LR)
-    run(info, lambda: opt.step(grads))
+    return lambda: opt.step(grads)
 
 
-def test_flat_two_groups(info):
+def setup_flat_two_groups():
     flat, grads = flat_model()
     opt = fo.Adam([{"params": flat.select("*.weight"), "weight_decay": 1e-2},
                    {"params": flat.select("*.bias"), "weight_decay": 0.0}], lr=LR)
-    run(info, lambda: opt.step(grads))
+    return lambda: opt.step(grads)
 
 
-def test_one_buffer(info):
+def setup_one_buffer():
     p = np.zeros(NPARAMS, np.float32)
     g = np.zeros(NPARAMS, np.float32)
     fill([p], 1)
     fill([g], 2)
     opt = fo.Adam([p], lr=LR)
-    run(info, lambda: opt.step([g]))
+    return lambda: opt.step([g])
 
 
-def test_list(info):
+def setup_list():
     params = [np.zeros(s, np.float32) for s in SHAPES.values()]
     grads = [np.zeros(s, np.float32) for s in SHAPES.values()]
     fill(params, 1)
     fill(grads, 2)
     opt = fo.Adam(params, lr=LR)
-    run(info, lambda: opt.step(grads))
+    return lambda: opt.step(grads)
 
 
-def test_torch_fused(info):
+def setup_torch_fused():
     torch = pytest.importorskip("torch")
-    info.extra_info["torch_threads"] = torch.get_num_threads()
     params = [torch.zeros(s, dtype=torch.float32, requires_grad=True) for s in SHAPES.values()]
     with torch.no_grad():
         fill(params, 1)
@@ -127,4 +125,56 @@ def test_torch_fused(info):
         p.grad = torch.zeros_like(p)
     fill([p.grad for p in params], 2)
     opt = torch.optim.Adam(params, lr=LR, fused=True)
-    run(info, opt.step)
+    return opt.step
+
+
+CONTENDERS = {
+    "flat": setup_flat,
+    "flat-2groups": setup_flat_two_groups,
+    "one-buffer": setup_one_buffer,
+    "list": setup_list,
+    "torch-fused": setup_torch_fused,
+}
+
+
+@pytest.mark.parametrize("name", list(CONTENDERS))
+def test_adam_step(info, name):
+    step = CONTENDERS[name]()
+    step()  # compile and touch every buffer before timing
+    info(step)
+
+
+def interleaved(rounds: int = 10, block: int = 4) -> dict[str, float]:
+    """Median seconds per step of every contender, timed in alternating blocks so that all
+    see the same load on a shared machine (pytest-benchmark times them one after another).
+
+    The first step of each block is not counted: fastopt (Numba's OpenMP pool) and torch
+    (its own OpenMP runtime) each leave worker threads spinning for a moment after a
+    parallel region, which would slow whichever runs next.
+    """
+    import time
+
+    steps = {name: setup() for name, setup in CONTENDERS.items()}
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            step()
+            for _ in range(block - 1):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+if __name__ == "__main__":
+    medians = interleaved()
+    print(f"{len(SHAPES)} tensors, {NPARAMS:,} float32 parameters; median of 30 steps in alternating blocks")
+    for name, t in medians.items():
+        print(f"  {name:13s} {t * 1e3:8.2f} ms  {28 * NPARAMS / t / 1e9:6.1f} GB/s")
+    flat = medians["flat"]
+    print(f"  torch-fused / flat      = {medians['torch-fused'] / flat:.2f}  (target >= 1.8)")
+    print(f"  flat / one-buffer       = {flat / medians['one-buffer']:.3f} (target <= 1.10)")
+    print(f"  flat-2groups / flat     = {medians['flat-2groups'] / flat:.3f} (target <= 1.0, noise aside)")
+    print(f"  list / flat             = {medians['list'] / flat:.2f}")
