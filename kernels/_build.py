@@ -32,8 +32,7 @@ plain template, unchanged.
 
 The generated source is compiled under this file's name, so Numba's on-disk cache works for
 it; the function name carries a hash of the rule's source file, the template and the compile
-flags (``_config``), so editing
-any of them never loads a stale cache entry.
+flags (``_config``), so editing any of them never loads a stale cache entry.
 """
 
 from __future__ import annotations

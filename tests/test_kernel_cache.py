@@ -1,0 +1,53 @@
+"""A kernel loaded from Numba's on-disk cache computes bit for bit what the same kernel compiled
+in-process computes (a regression test: with the ``arcp`` fast-math flag, the cached parallel
+RAdam kernel turned ``m / bias_correction1`` into a multiply by the reciprocal and differed
+from the serial kernel by 1 ulp, but only when it came from the cache)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from fastopt.kernels import _build, _config, radam
+
+    rule = radam.MOMENTUM_PHASE
+    n = 3 * _config.CHUNK + 17
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
+    table = np.array([[1.0, 0.05, 1.0, 0.1, 0.9, 0.1, 0.19, 0.01]], np.float32)
+    bounds = np.array([0, n], np.int64)
+    out = []
+    for parallel in (False, True):
+        a = [x.copy() for x in arrays]
+        _build.cpu_kernel(rule, parallel)(*a, bounds, table)
+        out.append(a[0])
+    np.save(sys.argv[1], np.stack(out))
+    print(json.dumps({"cache": _config.cache_enabled()}))
+    """
+)
+
+
+def test_cached_kernels_give_the_numbers_of_freshly_compiled_ones(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("FASTOPT_NO_CACHE", None)
+    runs = []
+    for i in range(2):  # the first compiles and writes the cache, the second loads it
+        out = tmp_path / f"run{i}.npy"
+        proc = subprocess.run([sys.executable, str(script), str(out)], env=env, capture_output=True, text=True,
+                              check=True)
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["cache"]
+        runs.append(np.load(out))
+    assert any((tmp_path / "cache").rglob("*.nbi")), "nothing was cached: the test would prove nothing"
+    fresh, cached = runs
+    np.testing.assert_array_equal(fresh[0], fresh[1])  # serial == parallel, compiled in-process
+    np.testing.assert_array_equal(cached[1], fresh[1])  # parallel from the cache == compiled
+    np.testing.assert_array_equal(cached[0], fresh[0])
