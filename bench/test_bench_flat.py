@@ -133,8 +133,9 @@ def setup_torch_fused():
 
 
 def _same_traffic_kernel():
-    from fastopt.kernels import _config
     from numba import njit, prange
+
+    from fastopt.kernels import _config
 
     @njit(parallel=True, fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL)
     def kernel(p, g, m, v, c):

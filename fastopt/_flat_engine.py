@@ -11,7 +11,14 @@ An optimizer whose ``params`` are a ``FlatParams``, a selection of one, or group
   scale of 0. Every rule then maps padding to itself: the scaled gradient is 0, moments that
   start at 0 stay 0, every denominator is at least 1 (never 0/0, whatever ``eps`` the group
   has), and the step is ``0 * finite``. Padding parameters therefore never change and never
-  become NaN, even with ``eps = 0`` and non-zero padding in a raw gradient array.
+  become NaN, even with ``eps = 0`` and finite garbage in the padding of a raw gradient
+  array (NaN or inf there is an error: ``0 * inf`` is NaN). With ``grad_noise`` the padding
+  rows' noise deviation is 0 too.
+
+Gradient transforms (:mod:`fastopt.transforms`) work as on lists of arrays: the norm for
+``clip_grad_norm`` / ``skip_nonfinite`` covers the optimizer's tensors only (not padding, not
+tensors in no group), the clip factor goes into column 0, and ``grad_noise`` uses the noise
+variant of the same launch, element ``j`` of the noise stream being buffer position ``j``.
 
 One launch covers every row when all groups use the same rule variant (the usual case:
 groups differ in ``lr``, ``weight_decay``, ``betas``...) and every tensor belongs to a group.
@@ -53,11 +60,13 @@ class _Segment:
     """One tensor of the flat buffer as seen by the optimizer's state-dict checks
     (``index`` is its name, ``param`` its view, ``group`` its param group)."""
 
-    __slots__ = ("group", "index", "param", "position", "size", "start")
+    __slots__ = ("dtype", "group", "index", "param", "position", "shape", "size", "start")
 
     def __init__(self, name: str, view: np.ndarray, group: int, position: int, start: int):
         self.index = name
         self.param = view
+        self.shape = view.shape
+        self.dtype = view.dtype
         self.group = group
         self.position = position
         self.start = start
@@ -91,7 +100,7 @@ class FlatEngine:
     """
 
     def __init__(self, opt, params):
-        from .optimizer import _GroupCache
+        from .optimizer import ParamGroup, _GroupCache
 
         self.opt = opt
         self.kernel = opt.kernel
@@ -118,12 +127,12 @@ class FlatEngine:
                 owner[name] = gi
                 position = layout.index(name)
                 segments.append(_Segment(name, flat[name], gi, position, layout.offsets[position]))
-            opt.param_groups.append({"params": selection, **group})
+            opt.param_groups.append(ParamGroup({"params": selection, **group}))
             opt._group_slots.append(segments)
             opt._slots.extend(segments)
         if not opt._slots:
             raise ValueError("optimizer got an empty parameter list")
-        opt._ncols = max(rule.ncols for rule in self.kernel.RULES)
+        opt._ncols = max(rule.ncols for rule in self.kernel.RULES) + opt.transforms.extra_columns
         opt._caches = [_GroupCache() for _ in opt.param_groups]
         opt._step_count = 0
         self._build_rows()
@@ -193,6 +202,22 @@ class FlatEngine:
         self.pad_row = pad_row
         self.row_owner = np.array(owner, dtype=np.int64)
         self.table = np.zeros((len(owner), self.opt._ncols), dtype=layout.dtype)
+        # the element ranges of tensors in a group (merged when adjacent) and the padding
+        # inside them: the gradient norm of clip_grad_norm / skip_nonfinite covers exactly these
+        covered = sorted(seg.position for seg in self.opt._slots)
+        ranges: list[list[int]] = []
+        pads = []
+        for i in covered:
+            start, size = layout.offsets[i], sizes[i]
+            stop = layout.offsets[i + 1] if i + 1 < n else layout.size
+            if ranges and ranges[-1][1] == start:
+                ranges[-1][1] = stop
+            else:
+                ranges.append([start, stop])
+            if stop > start + size:
+                pads.append(np.arange(start + size, stop, dtype=np.int64))
+        self._covered = [(lo, hi) for lo, hi in ranges]
+        self._pad_index = np.concatenate(pads) if pads else np.zeros(0, np.int64)
 
     def _ensure_state(self, gi: int, initial: dict[str, float]) -> None:
         """Allocate missing flat state buffers and fill group ``gi``'s tensors with their
@@ -283,6 +308,27 @@ class FlatEngine:
                 raise ValueError(f"the gradient shares memory with the optimizer's {name} state")
         return g
 
+    def _check_padding(self, g: np.ndarray) -> bool:
+        """Whether the gradient's padding (inside the updated ranges) is all zero; a NaN or
+        inf there is an error, since padding rows scale the gradient by 0 and 0 * inf is NaN."""
+        if not self._pad_index.size:
+            return True
+        pad = g[self._pad_index]
+        if not pad.any():
+            return True
+        if not np.isfinite(pad).all():
+            raise ValueError("the gradient buffer holds NaN or inf in the padding between tensors; keep "
+                             "padding finite (flat.zeros_like() keeps it zero)")
+        return False
+
+    def _norm_arrays(self, g: np.ndarray, padding_zero: bool) -> list[np.ndarray]:
+        """The gradient as arrays whose elements are exactly the optimizer's tensors: the
+        covered ranges when their padding is zero (always, with ``zeros_like()``), else one
+        view per tensor (slower for many tensors)."""
+        if padding_zero:
+            return [g[lo:hi] for lo, hi in self._covered]
+        return [g[seg.start : seg.start + seg.size] for seg in self.opt._slots]
+
     @staticmethod
     def _frozen(hp: dict) -> dict:
         """Hyper-parameters under which every rule maps zero padding to itself (see module doc)."""
@@ -294,9 +340,16 @@ class FlatEngine:
     def step(self, grads) -> None:
         """One update of every tensor in a group, in as few launches as the variants allow."""
         g = self._grad_buffer(grads)
+        padding_zero = self._check_padding(g)
         opt = self.opt
         kernel = self.kernel
         hps = [opt._resolve(gi) for gi in range(len(opt.param_groups))]
+        scale, noise = 1.0, None
+        if opt.transforms.active:  # clip_grad_norm, skip_nonfinite, grad_noise: fastopt.transforms
+            begun = opt.transforms.begin_step(opt, self._norm_arrays(g, padding_zero))
+            if begun is None:  # skipped: nothing changes
+                return
+            scale, noise = begun
         plans = []
         for cohort in self.cohorts:
             hp = hps[cohort.group]
@@ -311,16 +364,25 @@ class FlatEngine:
             if rule.state and any((cohort.group, s) not in self._initialized for s in rule.state):
                 self._ensure_state(cohort.group, kernel.buffers(hp))
             k = len(scalars) + 1
-            table[cohort.rows, 0] = -1.0 if hp["maximize"] else 1.0
+            sign = -1.0 if hp["maximize"] else 1.0
+            table[cohort.rows, 0] = sign * scale
             table[cohort.rows, 1:k] = scalars
+            if noise is not None:  # the noise standard deviation, one past the rule's scalars
+                table[cohort.rows, rule.ncols] = sign * noise.std
             if cohort.pad_rows.size:
                 table[cohort.pad_rows, 0] = 0.0
                 table[cohort.pad_rows, 1:k] = frozen
+                if noise is not None:
+                    table[cohort.pad_rows, rule.ncols] = 0.0
         param = self.flat.buffer
         buffers = self.buffers
         for rule, lo, hi, bounds, rows in self._runs(tuple(p[2] for p in plans)):
             states = [buffers[s][lo:hi] for s in rule.state]
-            _build.run_cpu(rule, param[lo:hi], g[lo:hi], states, bounds, rows)
+            if noise is None:
+                _build.run_cpu(rule, param[lo:hi], g[lo:hi], states, bounds, rows)
+            else:  # element j of the noise stream is buffer position j
+                launch = _build.cpu_noise_kernel(rule, _build.use_parallel(rule, hi - lo), param.dtype)
+                launch(param[lo:hi], g[lo:hi], *states, bounds, rows, noise.key, lo)
         for cohort, *_, host in plans:
             cohort.step += 1
             cohort.host = host
@@ -372,7 +434,6 @@ class FlatEngine:
         plan = opt._check_state_dict(state_dict)
         for gi, new_group in plan["groups"]:
             opt.param_groups[gi].update(new_group)
-            opt._caches[gi].signature = None
         per_segment = {}
         for seg, step, host, buffers in plan["slots"]:
             self._ensure_state(seg.group, dict.fromkeys(buffers, 0.0))

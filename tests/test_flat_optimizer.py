@@ -3,9 +3,9 @@ as the per-array path and as a NumPy reference, name-keyed state."""
 
 import numpy as np
 import pytest
-from fastopt.kernels import _build
 
 import fastopt as fo
+from fastopt.kernels import _build
 
 SHAPES = {"w1": (6, 5), "b1": (5,), "w2": (5, 3), "b2": (3,), "s": (), "e": (0,), "w3": (9,)}
 WEIGHTS, BIASES = ["w1", "w2", "w3"], ["b1", "b2", "s", "e"]
@@ -367,7 +367,7 @@ def test_a_bad_state_dict_changes_nothing():
         (edited(lambda sd: sd["state"]["w1"].__setitem__("exp_avg", np.zeros(3, np.float32))), ValueError, "shape"),
         (edited(lambda sd: sd["state"]["w1"].pop("exp_avg_sq")), ValueError, "has state"),
         (edited(lambda sd: sd.__setitem__("optimizer", "SGD")), ValueError, "from optimizer 'SGD'"),
-        (edited(lambda sd: sd["param_groups"][1].__setitem__("lr", -1.0)), ValueError, "Invalid lr"),
+        (edited(lambda sd: sd["param_groups"][1].__setitem__("lr", -1.0)), ValueError, "Invalid learning rate"),
     ]
     for sd, exc, match in bad:
         with pytest.raises(exc, match=match):
@@ -377,3 +377,81 @@ def test_a_bad_state_dict_changes_nothing():
                 np.testing.assert_array_equal(v, before[n][k])
     assert opt.param_groups[1]["lr"] == 0.1
     opt.load_state_dict(good)
+
+
+# -- gradient transforms (fastopt.transforms) over a FlatParams ----------------------------
+
+def test_clip_grad_norm_matches_the_list_path_and_ignores_padding():
+    flat = make_flat()
+    arrays = {n: flat[n].copy() for n in flat}
+    opt = fo.Adam([{"params": flat.select(*WEIGHTS), "weight_decay": 0.1}, {"params": flat.select(*BIASES)}],
+                  lr=0.1, clip_grad_norm=0.5)
+    ref = fo.Adam([{"params": [arrays[n] for n in WEIGHTS], "weight_decay": 0.1},
+                   {"params": [arrays[n] for n in BIASES]}], lr=0.1, clip_grad_norm=0.5)
+    rng = np.random.default_rng(20)
+    pad = flat.layout.padding_mask()
+    for _ in range(3):
+        grads = random_grads(flat, rng)
+        raw = grads.buffer.copy()
+        raw[pad] = 1e3  # finite garbage in the padding: not part of the norm
+        opt.step(raw)
+        ref.step([grads[n].copy() for n in WEIGHTS + BIASES])
+        want = np.sqrt(sum(float(np.sum(grads[n].astype(np.float64) ** 2)) for n in flat))
+        assert opt.last_grad_norm == pytest.approx(want, rel=1e-12)
+        assert opt.last_grad_norm == pytest.approx(ref.last_grad_norm, rel=1e-12)
+    for n in flat:
+        np.testing.assert_allclose(flat[n], arrays[n], rtol=2e-6, atol=1e-7, err_msg=n)
+
+
+def test_skip_nonfinite_skips_the_whole_step():
+    flat = make_flat()
+    opt = fo.Adam([{"params": flat.select(*WEIGHTS)}, {"params": flat.select(*BIASES)}], lr=0.1,
+                  skip_nonfinite=True)
+    rng = np.random.default_rng(21)
+    opt.step(random_grads(flat, rng))
+    before = flat.copy()
+    state = {n: {k: np.copy(v) for k, v in e.items()} for n, e in opt.state.items()}
+    grads = random_grads(flat, rng)
+    grads["b2"][1] = np.inf
+    opt.step(grads)
+    assert opt.last_step_skipped and opt.skipped_steps == 1 and opt.step_count == 1
+    np.testing.assert_array_equal(flat.buffer, before.buffer)
+    for n, e in opt.state.items():
+        for k, v in e.items():
+            np.testing.assert_array_equal(v, state[n][k])
+    grads["b2"][1] = 0.0
+    opt.step(grads)
+    assert not opt.last_step_skipped and opt.step_count == 2
+
+
+def test_nonfinite_padding_in_a_raw_gradient_is_an_error():
+    flat = make_flat()
+    opt = fo.Adam(flat, lr=0.1, skip_nonfinite=True)
+    raw = random_grads(flat, np.random.default_rng(22)).buffer.copy()
+    raw[np.flatnonzero(flat.layout.padding_mask())[0]] = np.nan
+    before = flat.buffer.copy()
+    with pytest.raises(ValueError, match="NaN or inf in the padding"):
+        opt.step(raw)
+    np.testing.assert_array_equal(flat.buffer, before)
+    assert opt.step_count == 0 and opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_grad_noise_is_the_noise_of_the_same_buffer_as_one_array(maximize):
+    """Element j of the noise stream is buffer position j: a FlatParams and one plain array over
+    a copy of its buffer, with the same seed, get the same noise on every tensor element."""
+    flat = make_flat()
+    whole = flat.buffer.copy()
+    opt = fo.Adam(flat, lr=0.1, grad_noise=(0.3, 0.55), seed=7, maximize=maximize)
+    ref = fo.Adam([whole], lr=0.1, grad_noise=(0.3, 0.55), seed=7, maximize=maximize)
+    pad = flat.layout.padding_mask()
+    rng = np.random.default_rng(23)
+    for _ in range(3):
+        grads = random_grads(flat, rng)
+        opt.step(grads)
+        ref.step(grads.buffer.copy())
+    np.testing.assert_array_equal(flat.buffer[~pad], whole[~pad])
+    assert np.all(flat.buffer[pad] == 0)  # the padding rows draw no noise
+    for key, buf in opt._flat.buffers.items():
+        np.testing.assert_array_equal(buf[~pad], ref.state[0][key][~pad])
+        assert np.all(buf[pad] == 0), key  # no noise reached the padding's state either
