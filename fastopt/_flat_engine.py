@@ -33,12 +33,14 @@ planned once per step; normally there is one cohort per group.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import numpy as np
 
 from .flat import FlatLayout, FlatParams, FlatSelection, aligned_zeros
-from .kernels import _build
+from .kernels import _build, _config
 
 _FLAT_TYPES = (FlatParams, FlatSelection)
 
@@ -54,6 +56,25 @@ def is_flat(params) -> bool:
             if isinstance(item, dict) and isinstance(item.get("params"), _FLAT_TYPES):
                 return True
     return False
+
+
+def padding_kind(g, index):
+    """0 if ``g[index]`` is all zero, 2 if it holds NaN or inf, else 1 (one pass, no copy)."""
+    kind = 0
+    for j in index:
+        x = g[j]
+        if not math.isfinite(x):
+            return 2
+        if x != 0:
+            kind = 1
+    return kind
+
+
+@functools.cache
+def _padding_kind():
+    from numba import njit
+
+    return njit(cache=_config.cache_enabled(), error_model=_config.ERROR_MODEL, nogil=True)(padding_kind)
 
 
 class _Segment:
@@ -202,6 +223,7 @@ class FlatEngine:
         self.pad_row = pad_row
         self.row_owner = np.array(owner, dtype=np.int64)
         self.table = np.zeros((len(owner), self.opt._ncols), dtype=layout.dtype)
+        self._row = np.zeros(self.opt._ncols, dtype=np.float64)  # one row, assembled per cohort
         # the element ranges of tensors in a group (merged when adjacent) and the padding
         # inside them: the gradient norm of clip_grad_norm / skip_nonfinite covers exactly these
         covered = sorted(seg.position for seg in self.opt._slots)
@@ -313,13 +335,11 @@ class FlatEngine:
         inf there is an error, since padding rows scale the gradient by 0 and 0 * inf is NaN."""
         if not self._pad_index.size:
             return True
-        pad = g[self._pad_index]
-        if not pad.any():
-            return True
-        if not np.isfinite(pad).all():
+        kind = _padding_kind()(g, self._pad_index)
+        if kind == 2:
             raise ValueError("the gradient buffer holds NaN or inf in the padding between tensors; keep "
                              "padding finite (flat.zeros_like() keeps it zero)")
-        return False
+        return kind == 0
 
     def _norm_arrays(self, g: np.ndarray, padding_zero: bool) -> list[np.ndarray]:
         """The gradient as arrays whose elements are exactly the optimizer's tensors: the
@@ -365,24 +385,31 @@ class FlatEngine:
                 self._ensure_state(cohort.group, kernel.buffers(hp))
             k = len(scalars) + 1
             sign = -1.0 if hp["maximize"] else 1.0
-            table[cohort.rows, 0] = sign * scale
-            table[cohort.rows, 1:k] = scalars
+            row = self._row
+            row[0] = sign * scale
+            row[1:k] = scalars
             if noise is not None:  # the noise standard deviation, one past the rule's scalars
-                table[cohort.rows, rule.ncols] = sign * noise.std
+                row[rule.ncols] = sign * noise.std
+            table[cohort.rows] = row  # whole rows: one scatter per cohort and kind
             if cohort.pad_rows.size:
-                table[cohort.pad_rows, 0] = 0.0
-                table[cohort.pad_rows, 1:k] = frozen
+                row[0] = 0.0
+                row[1:k] = frozen
                 if noise is not None:
-                    table[cohort.pad_rows, rule.ncols] = 0.0
+                    row[rule.ncols] = 0.0
+                table[cohort.pad_rows] = row
         param = self.flat.buffer
         buffers = self.buffers
+        whole = param.size
         for rule, lo, hi, bounds, rows in self._runs(tuple(p[2] for p in plans)):
-            states = [buffers[s][lo:hi] for s in rule.state]
+            if lo == 0 and hi == whole:
+                p_, g_, states = param, g, [buffers[s] for s in rule.state]
+            else:
+                p_, g_, states = param[lo:hi], g[lo:hi], [buffers[s][lo:hi] for s in rule.state]
             if noise is None:
-                _build.run_cpu(rule, param[lo:hi], g[lo:hi], states, bounds, rows)
+                _build.run_cpu(rule, p_, g_, states, bounds, rows)
             else:  # element j of the noise stream is buffer position j
                 launch = _build.cpu_noise_kernel(rule, _build.use_parallel(rule, hi - lo), param.dtype)
-                launch(param[lo:hi], g[lo:hi], *states, bounds, rows, noise.key, lo)
+                launch(p_, g_, *states, bounds, rows, noise.key, lo)
         for cohort, *_, host in plans:
             cohort.step += 1
             cohort.host = host
