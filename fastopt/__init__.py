@@ -21,7 +21,9 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
     __path__.append(_checkout)
 
 from . import schedules  # noqa: E402
+from .checkpoint import CheckpointError, load, save  # noqa: E402
 from .early_stopping import EarlyStopping  # noqa: E402
+from .flat import FlatParams  # noqa: E402
 from .optimizer import Optimizer  # noqa: E402
 from .optimizers import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, NAdam, RAdam, RMSprop  # noqa: E402
 from .transforms import clip_grad_norm_, grad_norm  # noqa: E402
@@ -31,3 +33,4 @@ __version__ = "0.1.0"
 __all__ = ["Optimizer", "SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Adamax",
            "NAdam", "RAdam", "__version__"]
 __all__ += ["EarlyStopping", "clip_grad_norm_", "grad_norm", "schedules"]
+__all__ += ["FlatParams", "save", "load", "CheckpointError"]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import _backend
+from ._flat_engine import FlatEngine, is_flat
 from .kernels import _build
 from .kernels import _hyper as H
 from .transforms import GradTransforms
@@ -127,6 +128,9 @@ class Optimizer:
     params:
         One array, a sequence of arrays, or a sequence of group dicts
         (``{"params": [w], "weight_decay": 1e-2}``) whose keys override the defaults.
+        Or a :class:`~fastopt.FlatParams`, or group dicts whose ``params`` are selections of
+        one (``flat.select("w*")``): then one kernel launch updates every group
+        (see :mod:`fastopt._flat_engine`) and ``step`` takes ``flat.zeros_like()``.
         NumPy arrays run on the CPU kernels; GPU arrays (anything exposing
         ``__cuda_array_interface__``: CuPy, PyTorch CUDA tensors, Numba device arrays) run on
         the CUDA kernels, zero-copy, with their state on the same GPU. All on one device.
@@ -147,6 +151,8 @@ class Optimizer:
     kernel: ModuleType
     #: Options the class fixes (AdamW fixes ``decoupled_weight_decay=True``).
     forced: dict = {}
+    #: The engine of an optimizer over a FlatParams (one launch per step), else None.
+    _flat: FlatEngine | None = None
 
     def __init__(self, params, *, clip_grad_norm: float | None = None, skip_nonfinite: bool = False,
                  grad_noise: tuple[float, float] | None = None, seed: int | None = None, **hyper):
@@ -159,6 +165,10 @@ class Optimizer:
         defaults = {**hyper, **self.forced}
         self._check_hyper(defaults, "")
         self.defaults = defaults
+        if is_flat(params):  # a FlatParams or selections of one: see fastopt._flat_engine
+            self._backend = _backend.HOST
+            self._flat = FlatEngine(self, params)
+            return
         self._single = _backend.is_array(params)
         groups = self._parse_groups(params)
         self._backend = backend = _backend.select([p for arrays, _ in groups for p in arrays])
@@ -307,6 +317,8 @@ class Optimizer:
         before any parameter or state buffer changes. With ``skip_nonfinite`` a step whose
         gradients hold NaN or inf returns without changing anything but the skip counters.
         """
+        if self._flat is not None:
+            return self._flat.step(grads)
         grads = self._match_grads(grads)
         hps = [self._resolve(gi) for gi in range(len(self.param_groups))]
         scale, noise = 1.0, None
@@ -341,14 +353,19 @@ class Optimizer:
     @property
     def state(self) -> list[dict]:
         """Per-parameter state, in parameter order: ``step``, the host scalars and the live
-        state buffers (views the optimizer updates; copy them to keep a snapshot)."""
+        state buffers (views the optimizer updates; copy them to keep a snapshot).
+        Over a FlatParams: a dict keyed by tensor name."""
+        if self._flat is not None:
+            return self._flat.state()
         return [{"step": s.step, **s.host, **s.buffers} for s in self._slots]
 
     # -- saving and loading -------------------------------------------------------------
     def state_dict(self) -> dict:
         """A plain dict of NumPy arrays and numbers: hyper-parameters, steps and copies of
         every state buffer, keyed by parameter position (torch's layout). A callable ``lr``
-        is saved as ``None``."""
+        is saved as ``None``. Over a FlatParams, keyed by tensor name."""
+        if self._flat is not None:
+            return self._flat.state_dict()
         groups = []
         for group, slots in zip(self.param_groups, self._group_slots):
             g = {k: (None if k == "lr" and callable(v) else v) for k, v in group.items() if k != "params"}
@@ -368,6 +385,8 @@ class Optimizer:
         shapes and dtypes) before anything changes, so a bad dict leaves the optimizer as it
         was. Buffers are copied into the existing arrays.
         """
+        if self._flat is not None:
+            return self._flat.load_state_dict(state_dict)
         plan = self._check_state_dict(state_dict)
         for gi, new_group in plan["groups"]:
             self.param_groups[gi].update(new_group)

@@ -31,8 +31,8 @@ then runs the loop above on ``g * grad_scale + noise_std * z``. The noise-free l
 plain template, unchanged.
 
 The generated source is compiled under this file's name, so Numba's on-disk cache works for
-it; the function name carries a hash of the rule's source file and the template, so editing
-either never loads a stale cache entry.
+it; the function name carries a hash of the rule's source file, the template and the compile
+flags (``_config``), so editing any of them never loads a stale cache entry.
 """
 
 from __future__ import annotations
