@@ -300,7 +300,8 @@ class Optimizer:
                 flat = []
                 for gi, (gg, slots) in enumerate(zip(nested, self._group_slots)):
                     if len(gg) != len(slots):
-                        raise ValueError(f"step() got {len(gg)} gradients for param group {gi}, which has {len(slots)} parameters")
+                        raise ValueError(f"step() got {len(gg)} gradients for param group {gi}, "
+                                         f"which has {len(slots)} parameters")
                     flat.extend(gg)
             if len(flat) != n:
                 raise ValueError(f"step() got {len(flat)} gradients for {n} parameters")
@@ -446,7 +447,8 @@ class Optimizer:
                                  f"expected {sorted(expected)} (is it from another optimizer or other options?)")
             for k, v in buffers.items():
                 if not isinstance(v, np.ndarray):
-                    raise TypeError(f"state_dict parameter {slot.index}: {k} must be a NumPy array, got {type(v).__name__}")
+                    raise TypeError(f"state_dict parameter {slot.index}: {k} must be a NumPy array, "
+                                    f"got {type(v).__name__}")
                 if v.shape != slot.shape:
                     raise ValueError(f"state_dict parameter {slot.index}: {k} has shape {v.shape}, "
                                      f"the parameter has shape {slot.shape}")
