@@ -211,22 +211,16 @@ class Optimizer:
 
     # -- hyper-parameters ---------------------------------------------------------------
     def _check_hyper(self, hp: dict, where: str) -> dict:
-        values = dict(hp)
-        lr = values.get("lr")
-        if callable(lr):
-            values.pop("lr")
+        """Validate ``hp`` (a schedule ``lr`` is checked at each step instead); messages start
+        with ``where``."""
+        values = {k: v for k, v in hp.items() if not (k == "lr" and callable(v))}
+        check = getattr(self.kernel, "check", None)  # constraints between options
         try:
             checked = H.validate(values, self.kernel.CHECKS)
-            if "lr" not in checked and "lr" in hp and not callable(lr):
-                checked["lr"] = _check_lr_value(lr)
+            if check is not None and set(hp) >= set(self.kernel.CHECKS):
+                check({**hp, **checked})
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}{exc}") from None
-        check = getattr(self.kernel, "check", None)
-        if check is not None and set(hp) >= set(self.kernel.CHECKS):
-            try:
-                check({**hp, **checked})
-            except ValueError as exc:
-                raise ValueError(f"{where}{exc}") from None
         return checked
 
     def _resolve(self, gi: int) -> dict:
