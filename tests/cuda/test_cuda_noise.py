@@ -1,6 +1,6 @@
 """The noise generator on the CUDA target: ``generator(dtype, split="compare")`` is meant to be
 called from ``numba.cuda`` kernels (one thread per element) and give the CPU's deviates; the
-fused transforms themselves run on the CPU kernels only so far."""
+CUDA update kernels with noise are tested in ``test_cuda_transforms``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numba
 import numpy as np
 import pytest
 
-import fastopt as fo
 from fastopt.kernels import _build, noise
 
 _DRAW = """
@@ -61,9 +60,3 @@ def test_compare_split_compiles_to_ptx(dtype):
     ptx, _ = cuda.compile_ptx(draw, (ftype[::1], types.uint64, types.uint64), cc=(8, 0))
     assert "draw" in ptx
 
-
-def test_transforms_are_refused_on_gpu_arrays(cuda):
-    p = cuda.to_device(np.zeros(4, np.float32))
-    for options in ({"clip_grad_norm": 1.0}, {"skip_nonfinite": True}, {"grad_noise": (0.1, 0.5)}):
-        with pytest.raises(NotImplementedError, match="CPU kernels only"):
-            fo.Adam([p], **options)
