@@ -263,22 +263,29 @@ def cuda_noise_kernel(rule: _build.Rule, segmented: bool, dtype):
     with ``j = noise_offset + i``: ``kernels.noise.generator(dtype, split="compare")``, the
     CPU's deviates computed by arithmetic alone (one per thread, no scratch buffer).
     """
+    cuda = require()
+    options = {"fastmath": _config.CUDA_FASTMATH}
+    if not simulator():
+        options["cache"] = _config.cache_enabled()
+    return cuda.jit(**options)(python_noise_kernel(rule, segmented, np.dtype(dtype)))
+
+
+@functools.cache
+def python_noise_kernel(rule: _build.Rule, segmented: bool, dtype):
+    """The generated Python function of :func:`cuda_noise_kernel`, before ``cuda.jit`` (for
+    ``cuda.compile_ptx``)."""
     from . import noise
 
-    cuda = require()
+    cuda = numba_cuda()
     dtype = np.dtype(dtype)
     template = _SEGMENTED_NOISE if segmented else _UNIFORM_NOISE
     with open(noise.__file__, "rb") as f:
         digest = _build._source_hash(rule, template + f.read().decode())
     fname = f"{rule.name}_cuda_noise_{'segmented' if segmented else 'uniform'}_{dtype.name}_{digest}"
     source = _build.render(rule, template, fname, indent=8)
-    py_func = _build.compile_source(source, fname, {
+    return _build.compile_source(source, fname, {
         "cuda": cuda, "np": np, "element": _device_function(rule), "NOISE_COL": rule.ncols,
         "normal": noise.generator(dtype, split="compare")[1]})
-    options = {"fastmath": _config.CUDA_FASTMATH}
-    if not simulator():
-        options["cache"] = _config.cache_enabled()
-    return cuda.jit(**options)(py_func)
 
 
 @functools.cache
