@@ -272,7 +272,7 @@ class CudaBackend:
                 cuda.synchronize()
                 stream = 0
             dev.copy_to_host(host, stream=stream)
-            if stream:
+            if not isinstance(stream, int):  # an asynchronous copy into pinned memory: wait for it
                 stream.synchronize()
         return math.fsum(host[0].tolist()), not bool(np.any(host[1] != 0.0))
 

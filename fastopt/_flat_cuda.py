@@ -17,8 +17,10 @@ step, which waits for the device**, whenever the layout has padding. A layout bu
 and then no check and no copy. ``clip_grad_norm`` / ``skip_nonfinite`` add the reduction's own
 copy (:meth:`fastopt._cuda_backend.CudaBackend.sumsq`).
 
-Streams: every launch goes to the default stream; a gradient given as a foreign GPU array is
-wrapped by ``numba.cuda.as_cuda_array``, which synchronizes on the stream its interface names.
+Streams: the update and norm kernels go to the stream of the gradient buffer (the default
+stream for fastopt's own buffers, ``zeros_like()``); a gradient given as a foreign GPU array is
+wrapped by ``numba.cuda.as_cuda_array``, which first synchronizes on the stream its interface
+names. The padding check and state allocation use the default stream.
 """
 
 from __future__ import annotations

@@ -22,6 +22,12 @@ Two loops per rule:
   ``table`` must be device arrays; :func:`run_cuda` copies host ones (one small asynchronous
   copy per call).
 
+With gradient noise (``grad_noise``), a noise variant of each loop (:func:`cuda_noise_kernel`)
+adds ``noise_std * z_j`` to the scaled gradient, ``z_j`` drawn per element from
+``kernels.noise.generator(dtype, split="compare")``: the CPU noise kernel's numbers. For
+``clip_grad_norm`` / ``skip_nonfinite``, :func:`sumsq_partials` reduces a gradient to float64
+per-chunk sums of squares and non-finite flags that do not depend on the block count.
+
 ``numba.cuda`` is imported on first use, never by ``import fastopt``. :func:`require` returns
 it or raises :class:`CudaUnavailableError` saying what is missing (the numba-cuda package, a
 driver, a GPU or NVVM). With ``NUMBA_ENABLE_CUDASIM=1`` set before Numba is imported, the
