@@ -197,6 +197,11 @@ def cpu_noise_kernel(rule: Rule, parallel: bool, dtype: np.dtype):
     """The CPU kernel of ``rule`` with gradient noise, for buffers of ``dtype``:
     ``kernel(param, grad, *states, bounds, table, noise_key, noise_offset)``; ``table`` has
     the noise standard deviation in column ``rule.ncols``."""
+    return build_cpu_noise_kernel(rule, parallel, dtype, _config.cache_enabled())
+
+
+def build_cpu_noise_kernel(rule: Rule, parallel: bool, dtype: np.dtype, cache: bool):
+    """A new dispatcher for :func:`cpu_noise_kernel` (``cache=False``: inspectable)."""
     from numba import njit, prange
 
     from . import noise
@@ -217,7 +222,7 @@ def cpu_noise_kernel(rule: Rule, parallel: bool, dtype: np.dtype):
     )
     return njit(
         parallel=parallel,
-        cache=_config.cache_enabled(),
+        cache=cache,
         fastmath=_config.FASTMATH,
         error_model=_config.ERROR_MODEL,
         nogil=True,

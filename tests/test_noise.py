@@ -5,6 +5,7 @@ reproducibility, independence of thread count and of how the parameters are spli
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import naive
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from fastopt.kernels import _config, noise
+from fastopt.kernels import _build, _config, noise
+from fastopt.kernels.sgd import SGD
 
 MASK = (1 << 64) - 1
 
@@ -98,6 +100,44 @@ def test_bitcast_and_compare_splits_give_the_same_deviates(dtype):
         run(out, key, np.uint64(3))
         results.append(out)
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def _horner32(coeffs, x):
+    acc = np.zeros_like(x)
+    for c in reversed(coeffs):
+        acc = acc * x + np.float32(c)
+    return acc
+
+
+def test_float32_polynomials_are_accurate_on_their_ranges():
+    """The float32 generator's polynomials, evaluated in float32, against float64 math."""
+    f = np.linspace(math.sqrt(0.5) - 1, math.sqrt(2) - 1, 100_001).astype(np.float32)
+    log1p = f + f * f * (np.float32(-0.5) + f * _horner32(noise._LOG1P_F32, f))
+    exact = np.log1p(f.astype(np.float64))
+    assert np.max(np.abs(log1p - exact)) < 1.5e-7
+    assert np.max(np.abs(log1p - exact) / np.maximum(np.abs(exact), 1e-30)) < 1e-6  # relative, near f = 0
+    t = np.linspace(-math.pi / 4, math.pi / 4, 100_001).astype(np.float32)
+    t2 = t * t
+    sin_t = t + t * t2 * _horner32(noise._SIN_F32, t2)
+    cos_t = np.float32(1) + t2 * _horner32(noise._COS_F32, t2)
+    assert np.max(np.abs(sin_t - np.sin(t.astype(np.float64)))) < 1.5e-7
+    assert np.max(np.abs(cos_t - np.cos(t.astype(np.float64)))) < 1.5e-7
+
+
+def test_noise_kernel_is_float32_and_vectorized():
+    """Plain SGD with noise, float32: no float64 math, and the generator runs on packed
+    registers (plain SGD takes no square root, so a packed ``vsqrtps`` is the Box-Muller radius
+    of the noise loop, and a scalar generator would show ``vsqrtss`` only)."""
+    kernel = _build.build_cpu_noise_kernel(SGD, False, np.dtype(np.float32), cache=False)
+    n = 64
+    kernel(np.zeros(n, np.float32), np.ones(n, np.float32), np.array([0, n], np.int64),
+           np.ones((1, SGD.ncols + 1), np.float32), noise.stream_key(1, 0), 0)
+    ir = "\n".join(kernel.inspect_llvm().values())
+    assert "fpext" not in ir
+    assert not re.search(r"= f(add|sub|mul|div)[^\n]* double ", ir)
+    asm = "\n".join(kernel.inspect_asm().values())
+    assert re.search(r"vsqrtps\s+[^\n]*%[yz]mm", asm), "the noise generator does not vectorize"
+    assert re.search(r"vfmadd\w*ps\s+[^\n]*%[yz]mm", asm), "no packed FMA"
 
 
 def normal_cdf(x):
