@@ -118,6 +118,31 @@ def main(out: str, load_from: str | None = None) -> None:
         other.step(local_grad(fresh, rank, STEPS))
         if rank == 0:
             result["from_single"] = fresh.buffer.copy()
+    # a model smaller than one aligned shard: the other ranks own nothing and still take part
+    tiny = fo.FlatParams({"a": 5}, np.float32)
+    tiny["a"][...] = np.arange(5)
+    opt = ShardedOptimizer(fo.Adam, tiny, comm, lr=0.1)
+    for step in range(STEPS):
+        opt.step(local_grad(tiny, rank, step))
+    full = opt.consolidated_state_dict(root=0)
+    if rank == 0:
+        result["tiny"] = {"params": tiny.buffer.copy(), "state": full}
+    # argument errors are raised before any communication
+    flat = make_flat(np.float32)
+    opt = build("Adam", flat, ShardedOptimizer, comm)
+    calls = {"grad_noise": lambda: ShardedOptimizer(fo.Adam, flat, comm, grad_noise=(0.1, 0.55)),
+             "class": lambda: ShardedOptimizer(object, flat, comm),
+             "align": lambda: ShardedOptimizer(fo.Adam, flat, comm, align=48),
+             "lr": lambda: ShardedOptimizer(fo.Adam, flat, comm, lr=-1.0),
+             "layout": lambda: opt.step(fo.FlatParams({"x": 3}).zeros_like()),
+             "aliased": lambda: opt.step(flat)}
+    result["errors"] = {}
+    for label, call in calls.items():
+        try:
+            call()
+            result["errors"][label] = None
+        except Exception as exc:  # noqa: BLE001 - the test checks the type
+            result["errors"][label] = type(exc).__name__
     # a bad state dict raises on every rank and changes nothing
     flat = make_flat(np.float32)
     opt = build("Adam", flat, ShardedOptimizer, comm)

@@ -31,15 +31,21 @@ MPIEXEC = Path(sys.executable).parent / "mpiexec"
 MPI_ENV = {"MPIR_CVAR_CH4_NETMOD": "ucx", "UCX_TLS": "self,sm", "UCX_NET_DEVICES": "lo",
            "HYDRA_LAUNCHER": "fork", "HYDRA_IFACE": "lo", "FI_PROVIDER": "shm"}
 
-pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None,
-                       reason="mpi4py is not installed (pip install 'fastopt[mpi]')"),
-    pytest.mark.skipif(not MPIEXEC.exists(), reason=f"no mpiexec beside {sys.executable} "
-                       "(pip install 'fastopt[mpi]' installs MPICH's)"),
-]
+
+
+def missing_mpi() -> str | None:
+    """Why the MPI tests cannot run here, or None."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed (pip install 'fastopt[mpi]')"
+    if not MPIEXEC.exists():
+        return f"no mpiexec beside {sys.executable} (pip install 'fastopt[mpi]' installs MPICH's)"
+    return None
 
 
 def mpirun(n: int, *args: str, timeout: float = 120) -> None:
+    reason = missing_mpi()
+    if reason:
+        pytest.skip(reason)
     env = {**os.environ, **MPI_ENV}
     cmd = [str(MPIEXEC), "-n", str(n), sys.executable, str(HERE / "mpi_worker.py"), *args]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
@@ -165,6 +171,28 @@ def test_bad_state_dict_raises_on_every_rank_and_changes_nothing(two):
     assert "param groups" in two["bad_load"]
     assert two["bad_load_all_ranks"]
     assert two["bad_load_unchanged"]
+
+
+def test_ranks_that_own_no_tensor_take_part(three):
+    flat = W.fo.FlatParams({"a": 5}, np.float32)
+    flat["a"][...] = np.arange(5)
+    opt = W.fo.Adam(flat, lr=0.1)
+    for step in range(W.STEPS):
+        grads = [W.local_grad(flat, r, step).buffer for r in range(3)]
+        avg = flat.zeros_like()
+        np.divide(grads[0] + grads[1] + grads[2], np.float32(3), out=avg.buffer)
+        opt.step(avg)
+    np.testing.assert_allclose(three["tiny"]["params"], flat.buffer, rtol=2e-6)
+    want = opt.state_dict()["state"]["a"]
+    for k in ("exp_avg", "exp_avg_sq"):
+        np.testing.assert_allclose(three["tiny"]["state"]["state"]["a"][k], want[k], rtol=2e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_bad_arguments_raise_clear_errors(two, three, world):
+    errors = {2: two, 3: three}[world]["errors"]
+    assert errors == {"grad_noise": "NotImplementedError", "class": "TypeError", "align": "ValueError",
+                      "lr": "ValueError", "layout": "ValueError", "aliased": "ValueError"}
 
 
 def test_import_fastopt_does_not_import_mpi4py():
