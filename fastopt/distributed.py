@@ -141,8 +141,9 @@ class ShardedOptimizer:
     shard : FlatParams or None, this rank's slice of the parameters (pieces of tensors, 1-D)
     optimizer : Optimizer or None, the fastopt optimizer over ``shard`` (None when this rank's
         shard holds no tensor of any group)
-    timings : dict, cumulative seconds in ``"reduce_scatter"``, ``"allreduce"``, ``"update"``,
-        ``"allgather"`` and the number of ``"steps"``
+    timings : dict, cumulative seconds of the steps' phases: ``"reduce_scatter"``, ``"norm"``
+        (averaging, and for clipping or skipping the local norm and its ``Allreduce``),
+        ``"update"`` (the fused kernel), ``"allgather"``; and the number of ``"steps"``
     """
 
     def __init__(self, optimizer_cls: type[Optimizer], params, comm, *, align: int | None = None,
@@ -208,7 +209,7 @@ class ShardedOptimizer:
         self.last_grad_norm: float | None = None
         self.last_step_skipped = False
         self.skipped_steps = 0
-        self.timings = {"reduce_scatter": 0.0, "allreduce": 0.0, "update": 0.0, "allgather": 0.0, "steps": 0}
+        self.timings = {"reduce_scatter": 0.0, "norm": 0.0, "update": 0.0, "allgather": 0.0, "steps": 0}
 
     @staticmethod
     def _parse(params) -> tuple[FlatParams, list[tuple[FlatSelection, dict]]]:
@@ -288,7 +289,7 @@ class ShardedOptimizer:
             if self.skip_nonfinite and total[1] > 0:
                 self.skipped_steps += 1
                 self.last_step_skipped = True
-                self.timings["allreduce"] += time.perf_counter() - t1
+                self.timings["norm"] += time.perf_counter() - t1
                 return
             if self.clip_grad_norm is not None:
                 scale = clip_coefficient(norm, self.clip_grad_norm)
@@ -304,7 +305,7 @@ class ShardedOptimizer:
         self._step_count += 1
         tm = self.timings
         tm["reduce_scatter"] += t1 - t0
-        tm["allreduce"] += t2 - t1
+        tm["norm"] += t2 - t1
         tm["update"] += t3 - t2
         tm["allgather"] += t4 - t3
         tm["steps"] += 1

@@ -12,6 +12,7 @@ With ``clip_grad_norm`` the global norm is summed in another order, so its last 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pickle
 import subprocess
@@ -42,12 +43,12 @@ def missing_mpi() -> str | None:
     return None
 
 
-def mpirun(n: int, *args: str, timeout: float = 120) -> None:
+def mpirun(n: int, *args: str, script: Path = HERE / "mpi_worker.py", timeout: float = 120) -> None:
     reason = missing_mpi()
     if reason:
         pytest.skip(reason)
     env = {**os.environ, **MPI_ENV}
-    cmd = [str(MPIEXEC), "-n", str(n), sys.executable, str(HERE / "mpi_worker.py"), *args]
+    cmd = [str(MPIEXEC), "-n", str(n), sys.executable, str(script), *args]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
 
@@ -193,6 +194,18 @@ def test_bad_arguments_raise_clear_errors(two, three, world):
     errors = {2: two, 3: three}[world]["errors"]
     assert errors == {"grad_noise": "NotImplementedError", "class": "TypeError", "align": "ValueError",
                       "lr": "ValueError", "layout": "ValueError", "aliased": "ValueError"}
+
+
+def test_distributed_mlp_example_trains_and_keeps_the_ranks_in_step(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "result.json"
+    mpirun(2, "--epochs", "2", "--subset", "256", "--json", str(out),
+           script=HERE.parent / "examples" / "mlp_digits_distributed.py")
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["steps"] == 2 * 4
+    assert result["loss"][-1] < result["loss"][0] / 2
+    assert result["checksums"][0] == result["checksums"][1]  # every rank holds the same parameters
+    assert result["test_accuracy"] > 0.5
 
 
 def test_import_fastopt_does_not_import_mpi4py():
