@@ -10,7 +10,8 @@ does, on an existing MPI (mpi4py; ``pip install 'fastopt[mpi]'``):
    rank :math:`r` owns :math:`[rS, \min((r+1)S, N))`, so the last shard may be shorter, or
    empty on a tiny model; the collectives use per-rank counts;
 2. ``step(local_grads)`` reduce-scatters the gradients, so that rank :math:`r` receives the
-   average over ranks of its shard, :math:`\bar g = \frac1W \sum_{k} g^{(k)}`;
+   sum over ranks of its shard; the average :math:`\bar g = \frac1W \sum_{k} g^{(k)}` costs
+   no extra pass: :math:`1/W` (times the clip factor) is the kernel's gradient scale;
 3. an ordinary fastopt optimizer over rank :math:`r`'s shard (a ``FlatParams`` view of that
    slice of the parameter buffer, with the same param groups) updates it in place with one
    fused launch: each rank allocates optimizer state for :math:`S` elements, not :math:`N`;
@@ -26,8 +27,9 @@ inf (the same ``Allreduce`` carries the count). Schedules (``lr`` callables) see
 as usual. ``grad_noise`` is not supported here.
 
 Results match a single process that steps on the averaged gradient: bit for bit with two ranks
-(:math:`(g^{(0)} + g^{(1)})/2` rounds once, in any order), and within rounding with more,
-where MPI may add the ranks' gradients in another order. With ``clip_grad_norm`` the global
+(:math:`(g^{(0)} + g^{(1)}) \cdot \frac12` rounds once, in any order, and halving is exact),
+and within rounding with more, where MPI may add the ranks' gradients in another order and
+:math:`\cdot \frac1W` rounds differently from :math:`/W`. With ``clip_grad_norm`` the global
 norm is summed in another order too, so the clip factor may differ in its last bit.
 
 Example, launched with ``mpiexec -n 2 python train.py``::
@@ -270,12 +272,11 @@ class ShardedOptimizer:
         t0 = time.perf_counter()
         self.comm.Reduce_scatter(g, [self._grad, self._mpi_type], recvcounts=self._counts, op=MPI.SUM)
         t1 = time.perf_counter()
-        gs = self._grad
-        if self.world_size > 1:
-            np.divide(gs, gs.dtype.type(self.world_size), out=gs)
+        gs = self._grad  # the SUM of the ranks' gradients: 1/W goes into the kernel's gradient scale
         if self._pad_index.size:
             gs[self._pad_index] = 0
-        scale = 1.0
+        inv_world = 1.0 / self.world_size
+        scale = inv_world
         if self.clip_grad_norm is not None or self.skip_nonfinite:
             local = np.zeros(2, np.float64)
             for a, b in self._norm_ranges:
@@ -284,7 +285,7 @@ class ShardedOptimizer:
                 local[1] += 0.0 if finite else 1.0
             total = np.empty(2, np.float64)
             self.comm.Allreduce(local, total, op=MPI.SUM)
-            norm = math.sqrt(total[0])
+            norm = math.sqrt(total[0]) * inv_world  # the norm of the averaged gradient
             self.last_grad_norm = norm
             if self.skip_nonfinite and total[1] > 0:
                 self.skipped_steps += 1
@@ -292,7 +293,7 @@ class ShardedOptimizer:
                 self.timings["norm"] += time.perf_counter() - t1
                 return
             if self.clip_grad_norm is not None:
-                scale = clip_coefficient(norm, self.clip_grad_norm)
+                scale = inv_world * clip_coefficient(norm, self.clip_grad_norm)
         self.last_step_skipped = False
         t2 = time.perf_counter()
         if self.optimizer is not None:
