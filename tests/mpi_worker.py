@@ -16,7 +16,8 @@ import numpy as np
 
 import fastopt as fo
 
-SHAPES = {"w1": (7, 9), "b1": 9, "w2": (9, 5), "b2": 5, "w3": (13,), "frozen": 3}
+#: 2 ranks cut w2, 3 ranks cut w1 and w2 elsewhere: re-sharding copies from the middle of pieces
+SHAPES = {"w1": (11, 9), "b1": 9, "w2": (9, 9), "b2": 5, "w3": (13,), "frozen": 3}
 STEPS = 3
 
 

@@ -225,3 +225,16 @@ def test_shard_bounds_cover_the_buffer_in_aligned_pieces():
             per = 16 * -(-size // (16 * world))
             assert all(hi - lo == per for lo, hi in b if hi < size)
 
+
+
+def test_the_worker_model_has_tensors_cut_by_shard_boundaries():
+    """Guards the coverage above: a group's hyper-parameters on both sides of a cut, and
+    re-sharding 2 -> 3 that copies from the middle of a saved piece."""
+    from fastopt.distributed import shard_bounds
+
+    layout = W.make_flat().layout
+    for world, cut in ((2, {"w2"}), (3, {"w1", "w2"})):
+        bounds = shard_bounds(layout.size, world, layout.align // layout.dtype.itemsize)
+        names = {n for n, o, s in zip(layout.names, layout.offsets, layout.sizes)
+                 for lo, _ in bounds[1:] if o < lo < o + s}
+        assert names == cut, world
