@@ -125,7 +125,8 @@ class Adadelta(Baseline):
 
 
 class RMSprop(Baseline):
-    r""":math:`v_t = \alpha v_{t-1} + (1-\alpha) g_t^2`, :math:`\theta \mathrel{-}= \eta\, g_t / (\sqrt{v_t} + \epsilon)`."""
+    r""":math:`v_t = \alpha v_{t-1} + (1-\alpha) g_t^2`,
+    :math:`\theta \mathrel{-}= \eta\, g_t / (\sqrt{v_t} + \epsilon)`."""
 
     state_names = ("square_avg",)
 
@@ -163,7 +164,8 @@ class _Moments(Baseline):
         return g if self.decoupled else super()._l2(g)
 
     def _moments(self, g):
-        """Decoupled decay, then :math:`m \\mathrel{+}= (1-\\beta_1)(g - m)`, :math:`v = \\beta_2 v + (1-\\beta_2) g^2`."""
+        """Decoupled decay, then :math:`m \\mathrel{+}= (1-\\beta_1)(g - m)`,
+        :math:`v = \\beta_2 v + (1-\\beta_2) g^2`."""
         if self.decoupled and self.weight_decay:
             self.p *= 1.0 - self.lr * self.weight_decay
         tmp = self.tmp
@@ -204,7 +206,8 @@ class AdamW(Adam):
 
 
 class Adamax(Baseline):
-    r""":math:`u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon)`, :math:`\theta \mathrel{-}= \frac{\eta}{1-\beta_1^t} m_t / u_t`."""
+    r""":math:`u_t = \max(\beta_2 u_{t-1}, |g_t| + \epsilon)`,
+    :math:`\theta \mathrel{-}= \frac{\eta}{1-\beta_1^t} m_t / u_t`."""
 
     state_names = ("exp_avg", "exp_inf")
 

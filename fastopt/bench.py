@@ -12,9 +12,13 @@ for :math:`n` parameters with :math:`k` state buffers (read :math:`p, g` and the
 buffers, write :math:`p` and the :math:`k` buffers: Adam in float32 moves 28 bytes per
 parameter, SGD with momentum 20, plain SGD 12) and a memory bandwidth :math:`B`. That is the
 roofline. :math:`B` is measured by an in-place ``x += a * y`` pass written as a Numba
-``prange`` kernel (12 bytes per float32 element) on arrays of the same size, so that a buffer
-that fits in cache is compared with the cache's bandwidth and a large one with DRAM's (serial
-or parallel by the rule fastopt itself uses, ``_build.use_parallel``). The probe is timed in
+``prange`` kernel (12 bytes per float32 element) over the same memory footprint as the
+optimizer's arrays (two arrays of :math:`n(2 + k)/2` elements against :math:`2 + k` arrays of
+:math:`n`), so that a buffer that fits in cache is compared with the cache's bandwidth and a
+large one with DRAM's: on a machine with a large last-level cache the bandwidth changes with
+the footprint (here 1e7 float32 Adam, 160 MB, sees ~60 GB/s where an 80 MB probe sees ~76),
+and a probe on a smaller footprint than the optimizer's would flatter the roofline. Serial or
+parallel by the rule fastopt itself uses, ``_build.use_parallel``. The probe is timed in
 turns with the optimizers of each row, so that a neighbour's burst on a shared machine (which
 takes memory bandwidth as well as cores) lowers both alike; the header shows the median of
 the rows' probes. A fraction above 100% happens for small buffers, where a launch's fixed cost
@@ -242,8 +246,10 @@ def bench_rule(spec: Spec, n: int, dtype=np.float32, *, numpy: bool = True,
     grad = rng.standard_normal(n, dtype=np.float32).astype(dtype, copy=False)
 
     opt = getattr(fo, spec.cls)([p0.copy()], **spec.options)
-    x, y, a = np.ones(n, dtype), np.ones(n, dtype), np.dtype(dtype).type(1e-7)
-    steps = {"probe": functools.partial(axpy_kernel(3 * n >= _config.PARALLEL_MIN_WORK), x, y, a),
+    nstate = sum(isinstance(v, np.ndarray) for v in opt.state[0].values())
+    m = n * (2 + nstate) // 2  # the probe's two arrays span the optimizer's 2 + nstate
+    x, y, a = np.ones(m, dtype), np.ones(m, dtype), np.dtype(dtype).type(1e-7)
+    steps = {"probe": functools.partial(axpy_kernel(3 * m >= _config.PARALLEL_MIN_WORK), x, y, a),
              "fastopt": functools.partial(opt.step, [grad])}
     if numpy:
         steps["numpy"] = functools.partial(spec.baseline(p0.copy(), **spec.options).step, grad)
@@ -252,10 +258,9 @@ def bench_rule(spec: Spec, n: int, dtype=np.float32, *, numpy: bool = True,
         topt, torch_impl = _torch_optimizer(spec, p0.copy(), grad)
         steps["torch"] = topt.step  # torch.optim steps run without autograd
     seconds = time_interleaved(steps, warmup=warmup, repeats=repeats, min_time=min_time)
-    nstate = sum(isinstance(v, np.ndarray) for v in opt.state[0].values())
     steps = opt = x = y = None  # free every buffer before the next case allocates its own
     gc.collect()
-    bandwidth = 3 * np.dtype(dtype).itemsize * n / seconds["probe"]
+    bandwidth = 3 * np.dtype(dtype).itemsize * m / seconds["probe"]
     return Row(spec.name, n, np.dtype(dtype).name, nstate, (3 + 2 * nstate) * np.dtype(dtype).itemsize,
                bandwidth, seconds["fastopt"], seconds.get("numpy"), seconds.get("torch"), torch_impl)
 

@@ -211,22 +211,16 @@ class Optimizer:
 
     # -- hyper-parameters ---------------------------------------------------------------
     def _check_hyper(self, hp: dict, where: str) -> dict:
-        values = dict(hp)
-        lr = values.get("lr")
-        if callable(lr):
-            values.pop("lr")
+        """Validate ``hp`` (a schedule ``lr`` is checked at each step instead); messages start
+        with ``where``."""
+        values = {k: v for k, v in hp.items() if not (k == "lr" and callable(v))}
+        check = getattr(self.kernel, "check", None)  # constraints between options
         try:
             checked = H.validate(values, self.kernel.CHECKS)
-            if "lr" not in checked and "lr" in hp and not callable(lr):
-                checked["lr"] = _check_lr_value(lr)
+            if check is not None and set(hp) >= set(self.kernel.CHECKS):
+                check({**hp, **checked})
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{where}{exc}") from None
-        check = getattr(self.kernel, "check", None)
-        if check is not None and set(hp) >= set(self.kernel.CHECKS):
-            try:
-                check({**hp, **checked})
-            except ValueError as exc:
-                raise ValueError(f"{where}{exc}") from None
         return checked
 
     def _resolve(self, gi: int) -> dict:
@@ -300,7 +294,8 @@ class Optimizer:
                 flat = []
                 for gi, (gg, slots) in enumerate(zip(nested, self._group_slots)):
                     if len(gg) != len(slots):
-                        raise ValueError(f"step() got {len(gg)} gradients for param group {gi}, which has {len(slots)} parameters")
+                        raise ValueError(f"step() got {len(gg)} gradients for param group {gi}, "
+                                         f"which has {len(slots)} parameters")
                     flat.extend(gg)
             if len(flat) != n:
                 raise ValueError(f"step() got {len(flat)} gradients for {n} parameters")
@@ -446,7 +441,8 @@ class Optimizer:
                                  f"expected {sorted(expected)} (is it from another optimizer or other options?)")
             for k, v in buffers.items():
                 if not isinstance(v, np.ndarray):
-                    raise TypeError(f"state_dict parameter {slot.index}: {k} must be a NumPy array, got {type(v).__name__}")
+                    raise TypeError(f"state_dict parameter {slot.index}: {k} must be a NumPy array, "
+                                    f"got {type(v).__name__}")
                 if v.shape != slot.shape:
                     raise ValueError(f"state_dict parameter {slot.index}: {k} has shape {v.shape}, "
                                      f"the parameter has shape {slot.shape}")

@@ -533,7 +533,8 @@ class ReduceLROnPlateau:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (checked whole before anything changes)."""
-        keys = {"best", "num_bad_epochs", "cooldown_counter", "num_updates"} | ({"lr"} if self.optimizer is None else set())
+        keys = {"best", "num_bad_epochs", "cooldown_counter", "num_updates"}
+        keys |= {"lr"} if self.optimizer is None else set()
         if not isinstance(state, dict) or set(state) != keys:
             raise ValueError(f"ReduceLROnPlateau state must be a dict with keys {sorted(keys)}")
         best = float(state["best"])

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .kernels import _build, noise, reduce
+from .kernels import _hyper as H
 
 __all__ = ["GradTransforms", "clip_coefficient", "clip_grad_norm_", "grad_norm"]
 
@@ -89,7 +90,7 @@ def clip_grad_norm_(grads, max_norm: float, *, error_if_nonfinite: bool = False)
     option does the same inside its update without writing the gradients.
     """
     arrays = _as_arrays(grads)
-    max_norm = _positive_finite("max_norm", max_norm)
+    max_norm = H.positive("max_norm", max_norm)
     for i, g in enumerate(arrays):
         if not g.flags.writeable:
             raise ValueError(f"gradient {i} is read-only; clip_grad_norm_ scales gradients in place")
@@ -103,24 +104,6 @@ def clip_grad_norm_(grads, max_norm: float, *, error_if_nonfinite: bool = False)
             for g in arrays:
                 np.multiply(g, g.dtype.type(coef), out=g)
     return norm
-
-
-def _positive_finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"Invalid {name} value: {value} (must be a finite number > 0)")
-    return value
-
-
-def _nonneg_finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"Invalid {name} value: {value} (must be a finite number >= 0)")
-    return value
 
 
 class GradTransforms:
@@ -138,7 +121,7 @@ class GradTransforms:
 
     def __init__(self, *, clip_grad_norm: float | None = None, skip_nonfinite: bool = False,
                  grad_noise: tuple[float, float] | None = None, seed: int | None = None):
-        self.clip_grad_norm = None if clip_grad_norm is None else _positive_finite("clip_grad_norm", clip_grad_norm)
+        self.clip_grad_norm = None if clip_grad_norm is None else H.positive("clip_grad_norm", clip_grad_norm)
         if not isinstance(skip_nonfinite, (bool, np.bool_)):
             raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
         self.skip_nonfinite = bool(skip_nonfinite)
@@ -147,7 +130,7 @@ class GradTransforms:
                 eta, gamma = grad_noise
             except (TypeError, ValueError):
                 raise TypeError(f"grad_noise must be a pair (eta, gamma), got {grad_noise!r}") from None
-            grad_noise = (_nonneg_finite("grad_noise eta", eta), _nonneg_finite("grad_noise gamma", gamma))
+            grad_noise = (H.nonneg("grad_noise eta", eta), H.nonneg("grad_noise gamma", gamma))
         self.grad_noise = grad_noise
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])

@@ -23,6 +23,13 @@ def nonneg(name: str, value) -> float:
     return value
 
 
+def positive(name: str, value) -> float:
+    value = _real(name, value)
+    if value <= 0.0:
+        raise ValueError(f"Invalid {name} value: {value} (must be > 0)")
+    return value
+
+
 def learning_rate(name: str, value) -> float:
     """A learning rate: finite and >= 0 (a schedule's value is checked with this each step)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

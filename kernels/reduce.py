@@ -13,7 +13,8 @@ NaN for NaN or :math:`\pm\infty`, so :math:`F \ne 0` exactly when some element i
 (it is checked apart from the norm, which may overflow for huge but finite float64
 gradients). Not :math:`g_i - g_i`: with the ``reassoc`` flag LLVM rewrites
 :math:`F + (g - g)` as :math:`F`; a product by zero cannot be folded without ``nnan``/``ninf``,
-which ``_config.FASTMATH`` never grants (a test checks that inf and NaN are seen). The chunks are summed by whichever thread gets them, each in a fixed order, and
+which ``_config.FASTMATH`` never grants (a test checks that inf and NaN are seen). The chunks
+are summed by whichever thread gets them, each in a fixed order, and
 the chunk sums are then added serially in chunk order: the result is the same, bit for bit,
 for any number of threads. A buffer below ``PARALLEL_MIN_WORK`` elements is reduced by the
 serial kernel (the same loop), so which kernel runs depends only on the size.

@@ -11,10 +11,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from registry import CASES
 
 import fastopt as fo
 from fastopt.kernels import _build, all_variants
-from registry import CASES
 
 f32 = np.float32
 
@@ -30,7 +30,7 @@ def _compiled(rule, parallel, dtype):
 
 def _ir(kernel):
     ir = "\n".join(kernel.inspect_llvm().values())
-    assert "fmul float" in ir or "fmul fast float" in ir or re.search(r"fmul \w+( \w+)* float", ir), "no float32 math in IR"
+    assert re.search(r"fmul( \w+)* float ", ir), "no float32 math in the IR"
     return ir
 
 

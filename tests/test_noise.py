@@ -11,9 +11,9 @@ import naive
 import numba
 import numpy as np
 import pytest
-from fastopt.kernels import _config, noise
 
 import fastopt as fo
+from fastopt.kernels import _config, noise
 
 MASK = (1 << 64) - 1
 

@@ -1,14 +1,14 @@
 """Property tests: random sizes (empty, one element, odd, around the serial/parallel switch)
 and random hyper-parameters, each step checked against the NumPy reference."""
 
+import naive
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from registry import CASES
 
 import fastopt as fo
-import naive
 from fastopt.kernels import _config
-from registry import CASES
 
 T = _config.PARALLEL_MIN_WORK // 7  # where Adam (7 streams) switches to the parallel kernel
 C = _config.CHUNK

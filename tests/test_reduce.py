@@ -6,6 +6,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
+
 from fastopt.kernels import _config, reduce
 
 SIZES = [0, 1, 133, _config.CHUNK, 3 * _config.CHUNK + 17]

@@ -1,10 +1,9 @@
 """Every optimizer and option set against the slow NumPy reference of its formula:
 parameters and every state buffer, over many steps, float32 and float64."""
 
+import naive
 import numpy as np
 import pytest
-
-import naive
 from registry import CASES
 
 STEPS = 30

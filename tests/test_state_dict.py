@@ -5,9 +5,9 @@ import copy
 
 import numpy as np
 import pytest
+from registry import CASES
 
 import fastopt as fo
-from registry import CASES
 
 
 def _train(opt, params, grads):

@@ -4,7 +4,6 @@ with several parameters of different shapes in one optimizer."""
 
 import numpy as np
 import pytest
-
 from registry import TORCH_CASES
 
 torch = pytest.importorskip("torch")

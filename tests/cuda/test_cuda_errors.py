@@ -37,7 +37,8 @@ def test_device_gradient_for_host_parameter(cuda):
 @pytest.mark.parametrize(
     ("grad", "error", "match"),
     [
-        (lambda cuda: _dev(cuda, 4, dtype=np.float64), TypeError, "has dtype float64 but its parameter has dtype float32"),
+        (lambda cuda: _dev(cuda, 4, dtype=np.float64), TypeError,
+         "has dtype float64 but its parameter has dtype float32"),
         (lambda cuda: _dev(cuda, 5), ValueError, r"has shape \(5,\) but its parameter has shape \(4,\)"),
         (lambda cuda: _dev(cuda, 4, 2)[:, 0], ValueError, "is not C-contiguous"),
         (lambda cuda: [1.0, 2.0, 3.0, 4.0], TypeError, r"must be a GPU array \(exposing .*got list"),
