@@ -59,7 +59,7 @@ import numpy as np
 from .flat import FlatLayout, FlatParams, FlatSelection, aligned_zeros
 from .kernels import reduce
 from .optimizer import Optimizer
-from .transforms import _positive_finite, clip_coefficient
+from .transforms import GradTransforms, clip_coefficient
 
 __all__ = ["ShardedOptimizer", "shard_bounds"]
 
@@ -159,10 +159,9 @@ class ShardedOptimizer:
             raise NotImplementedError("grad_noise is not supported by ShardedOptimizer")
         options.pop("grad_noise", None)
         options.pop("seed", None)
-        self.clip_grad_norm = None if clip_grad_norm is None else _positive_finite("clip_grad_norm", clip_grad_norm)
-        if not isinstance(skip_nonfinite, (bool, np.bool_)):
-            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
-        self.skip_nonfinite = bool(skip_nonfinite)
+        checked = GradTransforms(clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite, seed=0)
+        self.clip_grad_norm = checked.clip_grad_norm
+        self.skip_nonfinite = checked.skip_nonfinite
         flat, groups = self._parse(params)
         layout = flat.layout
         if align is None:

@@ -24,7 +24,7 @@ import pytest
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-import mpi_worker as W
+import mpi_worker as W  # noqa: E402
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 #: Keep MPI on this machine: MPICH's UCX netmod on shared memory and loopback only, hydra
