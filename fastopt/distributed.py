@@ -404,7 +404,7 @@ class ShardedOptimizer:
             step_count = local.get("step_count", 0)
             if isinstance(step_count, bool) or not isinstance(step_count, (int, np.integer)) or step_count < 0:
                 raise ValueError(f"state_dict step_count must be an integer >= 0, got {step_count!r}")
-        except (TypeError, ValueError, KeyError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, then is re-raised
             error = exc
         failed = self.comm.allreduce(1 if error is not None else 0, op=self.MPI.SUM)
         if error is not None:

@@ -109,7 +109,7 @@ def _open(path: str):
 
 def _read_all(opt: ShardedOptimizer, directory: str):
     """Every file's metadata (checked against ``opt``) and open ``.npz`` handles."""
-    paths = sorted(glob.glob(os.path.join(directory, "shard-*-of-*.npz")))
+    paths = sorted(p for p in glob.glob(os.path.join(directory, "shard-*-of-*.npz")) if _NAME.search(p))
     if not paths:
         raise FileNotFoundError(f"no sharded checkpoint (shard-*-of-*.npz) in {directory}")
     world = {int(_NAME.search(p).group(2)) for p in paths}

@@ -128,6 +128,7 @@ def main(out: str, load_from: str | None = None) -> None:
     full = opt.consolidated_state_dict(root=0)
     if rank == 0:
         result["tiny"] = {"params": tiny.buffer.copy(), "state": full}
+    save_sharded(opt, os.path.join(out, f"tiny-{world}"))
     # argument errors are raised before any communication
     flat = make_flat(np.float32)
     opt = build("Adam", flat, ShardedOptimizer, comm)
@@ -153,6 +154,13 @@ def main(out: str, load_from: str | None = None) -> None:
         result["bad_load"] = "accepted"
     except ValueError as exc:
         result["bad_load"] = str(exc)
+    # a missing checkpoint, and one of another model, raise on every rank and change nothing
+    for label, where in (("missing", "nowhere"), ("foreign", f"tiny-{world}")):
+        try:
+            load_sharded(opt, os.path.join(out, where))
+            result[f"{label}_load"] = None
+        except (OSError, ValueError) as exc:
+            result[f"{label}_load"] = comm.gather(f"{type(exc).__name__}: {exc}", root=0)
     result["bad_load_unchanged"] = bool(np.array_equal(before, flat.buffer))
     oks = comm.gather(result["bad_load"] != "accepted", root=0)
     if rank == 0:

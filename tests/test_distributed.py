@@ -174,6 +174,16 @@ def test_bad_state_dict_raises_on_every_rank_and_changes_nothing(two):
     assert two["bad_load_unchanged"]
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_missing_or_foreign_sharded_checkpoint_raises_on_every_rank(two, three, world):
+    result = {2: two, 3: three}[world]
+    assert len(result["missing_load"]) == world
+    assert all(m.startswith("FileNotFoundError") for m in result["missing_load"])
+    assert len(result["foreign_load"]) == world
+    assert all(m.startswith("ValueError") and "another model" in m for m in result["foreign_load"])
+    assert result["bad_load_unchanged"]
+
+
 def test_ranks_that_own_no_tensor_take_part(three):
     flat = W.fo.FlatParams({"a": 5}, np.float32)
     flat["a"][...] = np.arange(5)
