@@ -124,7 +124,9 @@ class ShardedOptimizer:
     params : FlatParams or list of group dicts
         The model: a :class:`~fastopt.FlatParams`, or group dicts whose ``params`` are
         selections of one (``flat.select("*.bias")``), exactly as for ``optimizer_cls``.
-        Every rank must pass the same layout, groups and initial values.
+        Every rank must pass the same layout and groups (checked: a mismatch raises on every
+        rank); the parameters are broadcast from rank 0, so every rank starts from rank 0's
+        values, as in torch's DistributedDataParallel.
     comm : mpi4py.MPI.Comm
         The intra-communicator whose ranks train together (``MPI.COMM_WORLD``).
     align : int, optional
@@ -144,7 +146,7 @@ class ShardedOptimizer:
     optimizer : Optimizer or None, the fastopt optimizer over ``shard`` (None when this rank's
         shard holds no tensor of any group)
     timings : dict, cumulative seconds of the steps' phases: ``"reduce_scatter"``, ``"norm"``
-        (averaging, and for clipping or skipping the local norm and its ``Allreduce``),
+        (zeroing padding; for clipping or skipping, the local norm and its ``Allreduce``),
         ``"update"`` (the fused kernel), ``"allgather"``; and the number of ``"steps"``
     """
 
@@ -169,6 +171,14 @@ class ShardedOptimizer:
         if isinstance(align, bool) or not isinstance(align, int) or align < layout.align or align % layout.align:
             raise ValueError(f"align must be a multiple of the FlatParams' alignment ({layout.align} bytes), "
                              f"got {align!r}")
+        signature = (layout.names, layout.shapes, str(layout.dtype), layout.size, align,
+                     tuple(sel.names for sel, _ in groups), optimizer_cls.__name__)
+        signatures = comm.allgather(signature)
+        if any(sig != signatures[0] for sig in signatures):
+            bad = [r for r, sig in enumerate(signatures) if sig != signatures[0]]
+            raise ValueError(f"ranks {bad} pass another model, param groups, alignment or optimizer than rank 0 "
+                             "(tensor names, shapes, dtype and groups must be the same on every rank)")
+        comm.Bcast(flat.buffer, root=0)
         self.MPI = MPI
         self.comm = comm
         self.rank = comm.Get_rank()
@@ -185,7 +195,7 @@ class ShardedOptimizer:
         shard_layout, self._piece_start = _shard_layout(layout, lo, hi)
         self.shard: FlatParams | None = None
         self.optimizer: Optimizer | None = None
-        self._grad = aligned_zeros(hi - lo, layout.dtype, layout.align)  # the averaged gradient shard
+        self._grad = aligned_zeros(hi - lo, layout.dtype, layout.align)  # the summed gradient shard
         self._grad_flat = FlatParams.from_layout(shard_layout, self._grad) if shard_layout.names else None
         self._groups = groups
         if shard_layout.names:

@@ -145,6 +145,17 @@ def main(out: str, load_from: str | None = None) -> None:
             result["errors"][label] = None
         except Exception as exc:  # noqa: BLE001 - the test checks the type
             result["errors"][label] = type(exc).__name__
+    # parameters start as rank 0's; a rank with another model makes every rank raise
+    flat = make_flat(np.float32)
+    flat.buffer[...] += rank
+    ShardedOptimizer(fo.SGD, flat, comm, lr=0.1)
+    result["broadcast"] = comm.gather(float(flat.buffer.sum() - make_flat(np.float32).buffer.sum()), root=0)
+    try:
+        ShardedOptimizer(fo.SGD, fo.FlatParams({"a": 5 + (rank == world - 1)}), comm, lr=0.1)
+        mismatch = None
+    except ValueError as exc:
+        mismatch = str(exc)
+    result["mismatch"] = comm.gather(mismatch, root=0)
     # a bad state dict raises on every rank and changes nothing
     flat = make_flat(np.float32)
     opt = build("Adam", flat, ShardedOptimizer, comm)

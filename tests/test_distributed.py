@@ -218,6 +218,14 @@ def test_distributed_mlp_example_trains_and_keeps_the_ranks_in_step(tmp_path):
     assert result["test_accuracy"] > 0.5
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_parameters_start_as_rank_0s_and_a_mismatched_model_raises_everywhere(two, three, world):
+    result = {2: two, 3: three}[world]
+    assert result["broadcast"] == [0.0] * world
+    assert len(result["mismatch"]) == world
+    assert all(m is not None and f"ranks [{world - 1}]" in m for m in result["mismatch"])
+
+
 def test_import_fastopt_does_not_import_mpi4py():
     code = "import sys, fastopt, fastopt.distributed; assert 'mpi4py' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
