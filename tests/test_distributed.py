@@ -256,3 +256,21 @@ def test_the_worker_model_has_tensors_cut_by_shard_boundaries():
         names = {n for n, o, s in zip(layout.names, layout.offsets, layout.sizes)
                  for lo, _ in bounds[1:] if o < lo < o + s}
         assert names == cut, world
+
+
+def test_shard_layouts_tile_every_tensor_once_with_aligned_pieces():
+    from fastopt.distributed import _shard_layout, shard_bounds
+
+    layout = W.make_flat().layout
+    step = layout.align // layout.dtype.itemsize
+    for world in (1, 2, 3, 4, 7):
+        covered = {name: np.zeros(size, int) for name, size in zip(layout.names, layout.sizes)}
+        for lo, hi in shard_bounds(layout.size, world, step):
+            shard, starts = _shard_layout(layout, lo, hi)
+            assert shard.size == hi - lo
+            for name, offset, size in zip(shard.names, shard.offsets, shard.sizes):
+                assert offset % step == 0
+                tensor = layout.index(name)
+                assert lo + offset == layout.offsets[tensor] + starts[name]  # the same buffer position
+                covered[name][starts[name] : starts[name] + size] += 1
+        assert all((c == 1).all() for c in covered.values()), world
