@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validation
-from .kernels import _build
+from .kernels import _build, reduce
 
 
 def is_device_array(obj) -> bool:
@@ -86,6 +86,24 @@ class HostBackend:
                             "are NumPy arrays on the host; pass the gradient as a NumPy array")
         _validation.check_grad(g, param, where)
         return g.reshape(-1)
+
+    @staticmethod
+    def run_noise(rule: _build.Rule, param, grad, states, bounds, table, key, offset) -> None:
+        """:meth:`run` with gradient noise: the CPU noise kernel (``kernels._build``)."""
+        kernel = _build.cpu_noise_kernel(rule, _build.use_parallel(rule, param.size), param.dtype)
+        kernel(param, grad, *states, bounds, table, key, offset)
+
+    @staticmethod
+    def sumsq(grads) -> tuple[float, bool]:
+        """``(sum of squares, finite)`` over flat gradients (``None`` skipped), each reduced in
+        fixed chunks by :func:`kernels.reduce.sumsq` and added in order."""
+        total, finite = 0.0, True
+        for g in grads:
+            if g is not None and g.size:
+                s, f = reduce.sumsq(g)
+                total += s
+                finite = finite and f
+        return total, finite
 
     @staticmethod
     def to_host(buf: np.ndarray) -> np.ndarray:

@@ -112,6 +112,7 @@ class CudaBackend:
         self._first = ""
         self._info: dict[int, _Desc] = {}  # id(param) -> layout; the optimizer keeps params alive
         self._streams: dict = {}
+        self._partials = None  # (device, host) float64 (2, nchunks) buffers of the norm reduction
 
     # -- where the work runs ------------------------------------------------------------
     def _context(self):
@@ -227,6 +228,53 @@ class CudaBackend:
             self.run(rule, param, grad, states, bounds, table)
 
         return launch
+
+    def run_noise(self, rule, param, grad, states, bounds, table, key, offset) -> None:
+        """:meth:`run` with gradient noise (:func:`kernels.cuda.run_cuda_noise`)."""
+        with self._context():
+            kcuda.run_cuda_noise(rule, param, grad, states, bounds, table, key, offset, grad.stream,
+                                 self.device or 0)
+
+    def sumsq(self, grads) -> tuple[float, bool]:
+        r"""``(sum of squares, finite)`` over the flat device gradients ``grads`` (``None`` skipped).
+
+        Each gradient is reduced on its stream by :func:`kernels.cuda.sumsq_partials` into
+        its own range of one float64 ``(2, nchunks)`` device buffer (row 0 the chunk sums of
+        squares, row 1 the non-finite flags); then that buffer is copied to the host, **one
+        small device-to-host copy per step that waits for the reduction** (16 bytes per
+        ``CUDA_BLOCK * CUDA_REDUCE_ITEMS`` gradient elements: 8 KiB per 2^20 elements by
+        default), and the host adds the chunk sums with ``math.fsum`` (exactly rounded, so in
+        no particular order). The result depends on the chunking only, never on the number of
+        blocks; it equals the CPU's :func:`kernels.reduce.sumsq` up to float64 rounding (the
+        two add in different orders). Only ``clip_grad_norm`` and ``skip_nonfinite`` call this.
+        """
+        cuda = self._cuda
+        live = [g for g in grads if g is not None and g.size]
+        if not live:
+            return 0.0, True
+        counts = [kcuda.reduce_chunks(g.size) for g in live]
+        total = sum(counts)
+        with self._context():
+            if self._partials is None or self._partials[0].shape[1] != total:
+                dev = cuda.device_array((2, total), np.float64)
+                host = cuda.pinned_array((2, total), np.float64) if not self._sim else np.empty((2, total))
+                self._partials = (dev, host)
+            dev, host = self._partials
+            streams = {id(g.stream): g.stream for g in live}
+            offset = 0
+            for g, k in zip(live, counts):
+                kcuda.sumsq_partials(g, dev[0, offset:offset + k], dev[1, offset:offset + k], g.stream,
+                                     self.device or 0)
+                offset += k
+            if len(streams) == 1:
+                stream = live[0].stream
+            else:  # gradients on several streams: wait for all of them
+                cuda.synchronize()
+                stream = 0
+            dev.copy_to_host(host, stream=stream)
+            if not isinstance(stream, int):  # an asynchronous copy into pinned memory: wait for it
+                stream.synchronize()
+        return math.fsum(host[0].tolist()), not bool(np.any(host[1] != 0.0))
 
     def to_host(self, buf) -> np.ndarray:
         with self._context():

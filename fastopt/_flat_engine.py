@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,12 @@ class FlatEngine:
         self.kernel = opt.kernel
         flat, groups = self._parse(params)
         self.flat = flat
+        self.device = flat.on_device  # a GPU buffer: fastopt._flat_cuda, one CUDA launch per step
+        if self.device:
+            from ._cuda_backend import CudaBackend
+
+            opt._backend = CudaBackend()
+        self.backend = opt._backend
         self.layout: FlatLayout = flat.layout
         layout = self.layout
         checks = self.kernel.CHECKS
@@ -240,18 +247,33 @@ class FlatEngine:
                 pads.append(np.arange(start + size, stop, dtype=np.int64))
         self._covered = [(lo, hi) for lo, hi in ranges]
         self._pad_index = np.concatenate(pads) if pads else np.zeros(0, np.int64)
+        self._device_padding = None
+        if self.device and self._pad_index.size:
+            from ._flat_cuda import DevicePadding
+
+            self._device_padding = DevicePadding(self._pad_index)
 
     def _ensure_state(self, gi: int, initial: dict[str, float]) -> None:
         """Allocate missing flat state buffers and fill group ``gi``'s tensors with their
         initial values the first time the group needs them."""
         for name, value in initial.items():
             if name not in self.buffers:
-                self.buffers[name] = aligned_zeros(self.layout.size, self.layout.dtype, self.layout.align)
+                if self.device:
+                    from . import _flat_cuda
+
+                    self.buffers[name] = _flat_cuda.zeros(self.layout.size, self.layout.dtype)
+                else:
+                    self.buffers[name] = aligned_zeros(self.layout.size, self.layout.dtype, self.layout.align)
             if (gi, name) not in self._initialized:
                 buf = self.buffers[name]
                 if value != 0:
                     for seg in self.opt._group_slots[gi]:
-                        buf[seg.start : seg.start + seg.size] = value
+                        if self.device:
+                            from . import _flat_cuda
+
+                            _flat_cuda.fill(buf[seg.start : seg.start + seg.size], value)
+                        else:
+                            buf[seg.start : seg.start + seg.size] = value
                 self._initialized.add((gi, name))
 
     def _runs(self, variants: tuple) -> list[tuple]:
@@ -304,6 +326,8 @@ class FlatEngine:
 
     # -- the step -----------------------------------------------------------------------
     def _grad_buffer(self, grads) -> np.ndarray:
+        if self.device:
+            return self._device_grad_buffer(grads)
         layout = self.layout
         if isinstance(grads, FlatParams):
             if grads.layout is not layout and grads.layout != layout:
@@ -330,12 +354,47 @@ class FlatEngine:
                 raise ValueError(f"the gradient shares memory with the optimizer's {name} state")
         return g
 
+    def _device_grad_buffer(self, grads):
+        """The gradient of a GPU FlatParams: a FlatParams with the same layout on the GPU, or a
+        1-D GPU array of the buffer's size and dtype (zero-copy); checked like the host's."""
+        from . import _flat_cuda
+        from ._backend import is_device_array
+
+        layout = self.layout
+        if isinstance(grads, FlatParams):
+            if grads.layout is not layout and grads.layout != layout:
+                raise ValueError("the gradient FlatParams has a different layout from the parameters; "
+                                 "make gradients with flat.zeros_like()")
+            if not grads.on_device:
+                raise TypeError("the parameters' FlatParams is on a GPU but the gradient's is on the host; "
+                                "make gradients with flat.zeros_like() (or move them with .to_device())")
+            g = grads.buffer
+        elif isinstance(grads, np.ndarray) or not is_device_array(grads):
+            raise TypeError("step() of an optimizer over a GPU FlatParams takes the gradient as a GPU "
+                            f"FlatParams with the same layout (flat.zeros_like()) or a 1-D GPU array, got "
+                            f"{type(grads).__name__}")
+        else:
+            try:
+                g = _flat_cuda.as_device_buffer(grads, layout.size, layout.dtype)
+            except ValueError as exc:
+                raise ValueError(f"gradient buffer: {exc} (padding included; see flat.zeros_like())") from None
+        if _flat_cuda.overlaps(g, self.flat.buffer):
+            raise ValueError("the gradient shares memory with the parameters; pass a separate buffer "
+                             "(flat.zeros_like())")
+        for name, buf in self.buffers.items():
+            if _flat_cuda.overlaps(g, buf):
+                raise ValueError(f"the gradient shares memory with the optimizer's {name} state")
+        return g
+
     def _check_padding(self, g: np.ndarray) -> bool:
         """Whether the gradient's padding (inside the updated ranges) is all zero; a NaN or
         inf there is an error, since padding rows scale the gradient by 0 and 0 * inf is NaN."""
         if not self._pad_index.size:
             return True
-        kind = _padding_kind()(g, self._pad_index)
+        if self.device:
+            kind = self._device_padding.kind(g)
+        else:
+            kind = _padding_kind()(g, self._pad_index)
         if kind == 2:
             raise ValueError("the gradient buffer holds NaN or inf in the padding between tensors; keep "
                              "padding finite (flat.zeros_like() keeps it zero)")
@@ -405,7 +464,12 @@ class FlatEngine:
                 p_, g_, states = param, g, [buffers[s] for s in rule.state]
             else:
                 p_, g_, states = param[lo:hi], g[lo:hi], [buffers[s][lo:hi] for s in rule.state]
-            if noise is None:
+            if self.device:  # the segmented CUDA kernel (bounds and rows copied per launch)
+                if noise is None:
+                    self.backend.run(rule, p_, g_, states, bounds, rows)
+                else:
+                    self.backend.run_noise(rule, p_, g_, states, bounds, rows, noise.key, lo)
+            elif noise is None:
                 _build.run_cpu(rule, p_, g_, states, bounds, rows)
             else:  # element j of the noise stream is buffer position j
                 launch = _build.cpu_noise_kernel(rule, _build.use_parallel(rule, hi - lo), param.dtype)
@@ -450,7 +514,8 @@ class FlatEngine:
             g = {k: (None if k == "lr" and callable(v) else v) for k, v in group.items() if k != "params"}
             g["params"] = [s.index for s in segs]
             groups.append(g)
-        state = {name: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in entry.items()}
+        to_host = self.backend.to_host  # a copy (from the GPU when the buffer is there)
+        state = {name: {k: (v if isinstance(v, numbers.Real) else to_host(v)) for k, v in entry.items()}
                  for name, entry in self.state().items()}
         return {"optimizer": type(opt).__name__, "format": STATE_FORMAT, "step_count": opt._step_count,
                 "param_groups": groups, "state": state}
@@ -465,7 +530,7 @@ class FlatEngine:
         for seg, step, host, buffers in plan["slots"]:
             self._ensure_state(seg.group, dict.fromkeys(buffers, 0.0))
             for name, value in buffers.items():
-                np.copyto(self._view(name, seg), value)
+                self.backend.copy_in(self._view(name, seg), value)
             per_segment[seg.index] = (step, host)
         self._regroup(per_segment)
         opt._step_count = plan["step_count"]

@@ -92,6 +92,12 @@ def aligned_zeros(size: int, dtype, align: int = DEFAULT_ALIGN) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype)
 
 
+def _is_device(buffer) -> bool:
+    from ._backend import is_device_array
+
+    return not isinstance(buffer, np.ndarray) and is_device_array(buffer)
+
+
 @dataclass(frozen=True)
 class FlatLayout:
     """Where each named tensor lives in a flat buffer. Immutable, shared by buffers alike.
@@ -262,17 +268,22 @@ class FlatParams(Mapping):
         ----------
         layout : FlatLayout
             The layout, e.g. ``other.layout``.
-        buffer : numpy.ndarray, optional
+        buffer : numpy.ndarray or GPU array, optional
             A writable, C-contiguous 1-D array of ``layout.size`` elements of
             ``layout.dtype``; the views share its memory. Default: a new zeroed, aligned
-            buffer.
+            buffer. A GPU array (exposing ``__cuda_array_interface__``, or a Numba device
+            array) gives a FlatParams on that GPU whose views are Numba device arrays.
         """
         if not isinstance(layout, FlatLayout):
             raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
         if buffer is None:
             buffer = aligned_zeros(layout.size, layout.dtype, layout.align)
+        elif _is_device(buffer):  # a GPU buffer: device views (fastopt._flat_cuda)
+            from . import _flat_cuda
+
+            buffer = _flat_cuda.as_device_buffer(buffer, layout.size, layout.dtype)
         elif not isinstance(buffer, np.ndarray):
-            raise TypeError(f"buffer must be a NumPy array, got {type(buffer).__name__}")
+            raise TypeError(f"buffer must be a NumPy array or a GPU array, got {type(buffer).__name__}")
         elif buffer.shape != (layout.size,) or buffer.dtype != layout.dtype:
             raise ValueError(f"buffer has shape {buffer.shape} and dtype {buffer.dtype}; "
                              f"the layout needs shape ({layout.size},) and dtype {layout.dtype}")
@@ -350,14 +361,50 @@ class FlatParams(Mapping):
         return self.layout.numel
 
     # -- new buffers ----------------------------------------------------------------------
+    @property
+    def on_device(self) -> bool:
+        """Whether the buffer lives on a GPU (see :meth:`to_device`)."""
+        return not isinstance(self.buffer, np.ndarray)
+
     def zeros_like(self) -> FlatParams:
-        """A new zero-filled ``FlatParams`` with the same layout (for gradients)."""
+        """A new zero-filled ``FlatParams`` with the same layout (for gradients), on the same
+        device as this one."""
+        if self.on_device:
+            from . import _flat_cuda
+
+            return FlatParams.from_layout(self.layout, _flat_cuda.zeros(self.layout.size, self.layout.dtype))
         return FlatParams.from_layout(self.layout)
 
     def copy(self) -> FlatParams:
-        """A new ``FlatParams`` with the same layout and a copy of the values."""
+        """A new ``FlatParams`` with the same layout and a copy of the values (same device)."""
+        if self.on_device:
+            from . import _flat_cuda
+
+            return FlatParams.from_layout(self.layout, _flat_cuda.copy_buffer(self.buffer))
         new = FlatParams.from_layout(self.layout)
         np.copyto(new.buffer, self.buffer)
+        return new
+
+    def to_device(self) -> FlatParams:
+        """A copy of this FlatParams on the GPU (Numba's current device), same layout.
+
+        An optimizer over it updates the buffer with one CUDA launch per step
+        (:mod:`fastopt._flat_cuda`). Needs CUDA (or the simulator)."""
+        from .kernels import cuda as kcuda
+
+        cuda = kcuda.require()
+        host = self.to_host() if self.on_device else self
+        return FlatParams.from_layout(self.layout, cuda.to_device(host.buffer))
+
+    def to_host(self) -> FlatParams:
+        """A copy of this FlatParams in host memory (a NumPy buffer), same layout."""
+        new = FlatParams.from_layout(self.layout)
+        if self.on_device:
+            from . import _flat_cuda
+
+            np.copyto(new.buffer, _flat_cuda.to_host(self.buffer))
+        else:
+            np.copyto(new.buffer, self.buffer)
         return new
 
     # -- selection ------------------------------------------------------------------------

@@ -172,9 +172,6 @@ class Optimizer:
         self._single = _backend.is_array(params)
         groups = self._parse_groups(params)
         self._backend = backend = _backend.select([p for arrays, _ in groups for p in arrays])
-        if self.transforms.active and backend is not _backend.HOST:
-            raise NotImplementedError("clip_grad_norm, skip_nonfinite and grad_noise run on the CPU kernels only "
-                                      f"so far, not on {backend.name} arrays")
         self._ncols = max(rule.ncols for rule in self.kernel.RULES) + self.transforms.extra_columns
         self.param_groups: list[dict] = []
         self._slots: list[_Slot] = []

@@ -167,7 +167,7 @@ class GradTransforms:
         """
         scale = 1.0
         if self.clip_grad_norm is not None or self.skip_nonfinite:
-            total, finite = _sumsq(grads)
+            total, finite = opt._backend.sumsq(grads)  # the host's or the GPU's reduction
             norm = math.sqrt(total)
             opt.last_grad_norm = norm
             if self.skip_nonfinite and not finite:
@@ -200,7 +200,6 @@ class _NoiseStep:
     def run(self, slot, rule: _build.Rule, grad: np.ndarray, sign: float) -> None:
         """Update ``slot`` (an optimizer's parameter) by ``rule`` with this step's noise."""
         slot.table[0, rule.ncols] = sign * self.std
-        n = int(slot.bounds[-1])
-        kernel = _build.cpu_noise_kernel(rule, _build.use_parallel(rule, n), slot.table.dtype)
         states = tuple(slot.flat_buffers[name] for name in rule.state)
-        kernel(slot.flat, grad.reshape(-1), *states, slot.bounds, slot.table, self.key, self.offsets[slot.index])
+        slot.backend.run_noise(rule, slot.flat, grad.reshape(-1), states, slot.bounds, slot.table, self.key,
+                               self.offsets[slot.index])

@@ -21,6 +21,8 @@ to all of them:
   shrink it and make a few dozen elements span several blocks).
 - ``CUDA_MAX_BLOCKS``: the most blocks in one grid; ``None`` means ``CUDA_BLOCKS_PER_SM`` per
   multiprocessor, enough to keep every SM busy, and the grid-stride loop covers the rest.
+- ``CUDA_REDUCE_ITEMS``: elements per thread of a chunk of the CUDA norm reduction (a chunk
+  is ``CUDA_BLOCK * CUDA_REDUCE_ITEMS`` elements, one float64 partial each).
 - ``CUDA_FASTMATH``: ``False``. numba-cuda's fast math is all or nothing (flush-to-zero and
   approximate division and square root); NVVM still contracts ``a * b + c`` into FMA.
 - ``cache_enabled()``: ``cache=True`` where Numba can write a cache; otherwise kernels still
@@ -40,6 +42,7 @@ CUDA_BLOCK = int(os.environ.get("FASTOPT_CUDA_BLOCK", "256"))
 CUDA_MAX_BLOCKS: int | None = None
 CUDA_BLOCKS_PER_SM = 8
 CUDA_FASTMATH = False
+CUDA_REDUCE_ITEMS = int(os.environ.get("FASTOPT_CUDA_REDUCE_ITEMS", "32"))
 
 _cache_ok: bool | None = None
 

@@ -22,6 +22,12 @@ Two loops per rule:
   ``table`` must be device arrays; :func:`run_cuda` copies host ones (one small asynchronous
   copy per call).
 
+With gradient noise (``grad_noise``), a noise variant of each loop (:func:`cuda_noise_kernel`)
+adds ``noise_std * z_j`` to the scaled gradient, ``z_j`` drawn per element from
+``kernels.noise.generator(dtype, split="compare")``: the CPU noise kernel's numbers. For
+``clip_grad_norm`` / ``skip_nonfinite``, :func:`sumsq_partials` reduces a gradient to float64
+per-chunk sums of squares and non-finite flags that do not depend on the block count.
+
 ``numba.cuda`` is imported on first use, never by ``import fastopt``. :func:`require` returns
 it or raises :class:`CudaUnavailableError` saying what is missing (the numba-cuda package, a
 driver, a GPU or NVVM). With ``NUMBA_ENABLE_CUDASIM=1`` set before Numba is imported, the
@@ -139,6 +145,76 @@ def {fname}(param, grad, {state_args}bounds, table):
         i += stride
 '''
 
+_UNIFORM_NOISE = '''
+def {fname}(param, grad, {state_args}grad_scale, {scalar_args}, noise_std, noise_key, noise_offset):
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    n = param.size
+    while i < n:
+        g = grad[i] * grad_scale + noise_std * normal(noise_key, noise_offset + np.uint64(i))
+        {outputs} = element(param[i], g, {state_loads}{scalar_args})
+        i += stride
+'''
+
+_SEGMENTED_NOISE = '''
+def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):
+    i = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    n = param.size
+    last = bounds.size - 1
+    s = 0
+    while i < n:
+        hi = last
+        while hi - s > 1:
+            mid = (s + hi) // 2
+            if bounds[mid] <= i:
+                s = mid
+            else:
+                hi = mid
+        grad_scale = table[s, 0]
+        noise_std = table[s, NOISE_COL]
+{unpack}
+        g = grad[i] * grad_scale + noise_std * normal(noise_key, noise_offset + np.uint64(i))
+        {outputs} = element(param[i], g, {state_loads}{scalar_args})
+        i += stride
+'''
+
+_SUMSQ = '''
+def sumsq_partials(x, chunk, sums, flags):
+    sq = cuda.shared.array({threads}, np.float64)
+    bad = cuda.shared.array({threads}, np.float64)
+    t = cuda.threadIdx.x
+    n = x.size
+    nchunks = (n + chunk - 1) // chunk
+    c = cuda.blockIdx.x
+    while c < nchunks:
+        lo = c * chunk
+        hi = min(lo + chunk, n)
+        acc = np.float64(0.0)
+        nan = np.float64(0.0)
+        i = lo + t
+        while i < hi:
+            v = np.float64(x[i])
+            acc += v * v
+            nan += v * np.float64(0.0)
+            i += {threads}
+        sq[t] = acc
+        bad[t] = nan
+        cuda.syncthreads()
+        half = {threads} // 2
+        while half > 0:
+            if t < half:
+                sq[t] += sq[t + half]
+                bad[t] += bad[t + half]
+            cuda.syncthreads()
+            half //= 2
+        if t == 0:
+            sums[c] = sq[0]
+            flags[c] = bad[0]
+        cuda.syncthreads()
+        c += cuda.gridDim.x
+'''
+
 _FILL = '''
 def fill(out, value):
     i = cuda.grid(1)
@@ -179,6 +255,116 @@ def cuda_kernel(rule: _build.Rule, segmented: bool):
     if not simulator():
         options["cache"] = _config.cache_enabled()
     return cuda.jit(**options)(python_kernel(rule, segmented))
+
+
+@functools.cache
+def cuda_noise_kernel(rule: _build.Rule, segmented: bool, dtype):
+    """The CUDA kernel of ``rule`` with gradient noise, for buffers of ``dtype``:
+
+    - uniform: ``kernel(param, grad, *states, grad_scale, *scalars, noise_std, noise_key, noise_offset)``;
+    - segmented: ``kernel(param, grad, *states, bounds, table, noise_key, noise_offset)``, the noise
+      standard deviation in the table's column ``rule.ncols`` (the CPU noise kernel's arguments).
+
+    Element ``i`` gets ``g_i * grad_scale + noise_std * z_j``, ``z_j = normal(noise_key, j)``
+    with ``j = noise_offset + i``: ``kernels.noise.generator(dtype, split="compare")``, the
+    CPU's deviates computed by arithmetic alone (one per thread, no scratch buffer).
+    """
+    cuda = require()
+    options = {"fastmath": _config.CUDA_FASTMATH}
+    if not simulator():
+        options["cache"] = _config.cache_enabled()
+    return cuda.jit(**options)(python_noise_kernel(rule, segmented, np.dtype(dtype)))
+
+
+@functools.cache
+def python_noise_kernel(rule: _build.Rule, segmented: bool, dtype):
+    """The generated Python function of :func:`cuda_noise_kernel`, before ``cuda.jit`` (for
+    ``cuda.compile_ptx``)."""
+    from . import noise
+
+    cuda = numba_cuda()
+    dtype = np.dtype(dtype)
+    template = _SEGMENTED_NOISE if segmented else _UNIFORM_NOISE
+    with open(noise.__file__, "rb") as f:
+        digest = _build._source_hash(rule, template + f.read().decode())
+    fname = f"{rule.name}_cuda_noise_{'segmented' if segmented else 'uniform'}_{dtype.name}_{digest}"
+    source = _build.render(rule, template, fname, indent=8)
+    return _build.compile_source(source, fname, {
+        "cuda": cuda, "np": np, "element": _device_function(rule), "NOISE_COL": rule.ncols,
+        "normal": noise.generator(dtype, split="compare")[1]})
+
+
+@functools.cache
+def _sumsq_kernel(threads: int):
+    if threads < 1 or threads & (threads - 1):
+        raise ValueError(f"the CUDA reduction needs a power-of-two block size, got CUDA_BLOCK={threads}")
+    cuda = require()
+    source = _SUMSQ.format(threads=threads)
+    return cuda.jit(_build.compile_source(source, "sumsq_partials", {"cuda": cuda, "np": np}))
+
+
+def reduce_chunk() -> int:
+    """Elements per chunk of the CUDA norm reduction: ``CUDA_BLOCK * CUDA_REDUCE_ITEMS``."""
+    return _config.CUDA_BLOCK * _config.CUDA_REDUCE_ITEMS
+
+
+def reduce_chunks(n: int) -> int:
+    """How many chunk partials :func:`sumsq_partials` writes for ``n`` elements."""
+    chunk = reduce_chunk()
+    return -(-n // chunk)
+
+
+def sumsq_partials(x, sums, flags, stream=0, device_id: int = 0) -> None:
+    r"""Per-chunk partial sums of squares of the flat device array ``x``, on the device.
+
+    ``x`` is cut into fixed chunks of :func:`reduce_chunk` elements; chunk :math:`c` is
+    reduced by one block (blocks take chunks ``b, b + gridDim, ...``): thread :math:`t` sums
+    :math:`g_i^2` and :math:`0 \cdot g_i` in float64 over :math:`i = lo + t, lo + t + T, ...`,
+    then the block adds its threads' sums by a fixed tree in shared memory, and
+    ``sums[c]``/``flags[c]`` get the chunk's :math:`S_c` and :math:`F_c` (as in
+    :mod:`kernels.reduce`: :math:`F_c \ne 0` exactly when the chunk holds NaN or inf).
+    Every partial depends on the chunk and ``CUDA_BLOCK`` only, never on how many blocks run.
+    ``sums`` and ``flags`` are float64 device arrays of :func:`reduce_chunks` ``(x.size)``.
+    """
+    n = x.size
+    if n == 0:
+        return
+    nchunks = reduce_chunks(n)
+    blocks, threads = launch_shape(nchunks * _config.CUDA_BLOCK, device_id)
+    _sumsq_kernel(threads)[blocks, threads, stream](x, np.int64(reduce_chunk()), sums, flags)
+
+
+def run_uniform_noise(rule: _build.Rule, param, grad, states, row, noise_key, noise_offset,
+                      stream=0, device_id: int = 0) -> None:
+    """One launch of ``rule``'s uniform noise kernel: ``row`` is ``(grad_scale, *scalars,
+    noise_std)`` (buffer dtype), ``noise_key`` the step's key, ``noise_offset`` the index of
+    ``param[0]`` in the noise stream."""
+    n = param.size
+    if n == 0:
+        return
+    blocks, threads = launch_shape(n, device_id)
+    kernel = cuda_noise_kernel(rule, False, param.dtype)
+    kernel[blocks, threads, stream](param, grad, *states, *row[: rule.ncols + 1], np.uint64(noise_key),
+                                    np.uint64(noise_offset))
+
+
+def run_cuda_noise(rule: _build.Rule, param, grad, states, bounds, table, noise_key, noise_offset,
+                   stream=0, device_id: int = 0) -> None:
+    """The noise counterpart of :func:`run_cuda` (the arguments of the CPU noise kernel)."""
+    if isinstance(table, np.ndarray) and isinstance(bounds, np.ndarray) and bounds.size == 2:
+        run_uniform_noise(rule, param, grad, states, table[0], noise_key, noise_offset, stream, device_id)
+        return
+    n = param.size
+    if n == 0:
+        return
+    cuda = require()
+    if isinstance(bounds, np.ndarray):
+        bounds = cuda.to_device(bounds, stream=stream)
+    if isinstance(table, np.ndarray):
+        table = cuda.to_device(np.ascontiguousarray(table), stream=stream)
+    blocks, threads = launch_shape(n, device_id)
+    cuda_noise_kernel(rule, True, param.dtype)[blocks, threads, stream](
+        param, grad, *states, bounds, table, np.uint64(noise_key), np.uint64(noise_offset))
 
 
 @functools.cache

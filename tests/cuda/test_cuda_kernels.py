@@ -1,7 +1,7 @@
 """The CUDA kernels against the CPU kernels, variant by variant, on flat buffers.
 
 The optimizer launches the uniform kernel (tested through it in ``test_cuda_optimizer``);
-here the segmented kernel, which the optimizer does not use yet, runs every variant over a
+here the segmented kernel (which a GPU FlatParams' optimizer launches) runs every variant over a
 buffer cut into segments with different scalars (one of them empty), and the launch shape
 is checked to follow the config.
 """

@@ -1,6 +1,6 @@
 """The noise generator on the CUDA target: ``generator(dtype, split="compare")`` is meant to be
 called from ``numba.cuda`` kernels (one thread per element) and give the CPU's deviates; the
-fused transforms themselves run on the CPU kernels only so far."""
+CUDA update kernels with noise are tested in ``test_cuda_transforms``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numba
 import numpy as np
 import pytest
 
-import fastopt as fo
+from fastopt import kernels
 from fastopt.kernels import _build, noise
+from fastopt.kernels import cuda as kcuda
 
 _DRAW = """
 def draw(out, key, start):
@@ -62,8 +63,24 @@ def test_compare_split_compiles_to_ptx(dtype):
     assert "draw" in ptx
 
 
-def test_transforms_are_refused_on_gpu_arrays(cuda):
-    p = cuda.to_device(np.zeros(4, np.float32))
-    for options in ({"clip_grad_norm": 1.0}, {"skip_nonfinite": True}, {"grad_noise": (0.1, 0.5)}):
-        with pytest.raises(NotImplementedError, match="CPU kernels only"):
-            fo.Adam([p], **options)
+def _noise_ptx(rule, segmented: bool, dtype: str) -> str:
+    from numba.cuda import types
+
+    cuda = kcuda.numba_cuda()
+    scalar = getattr(types, dtype)
+    arr = types.Array(scalar, 1, "C")
+    arrays = (arr,) * (2 + len(rule.state))
+    if segmented:
+        sig = (*arrays, types.Array(types.int64, 1, "C"), types.Array(scalar, 2, "C"), types.uint64, types.uint64)
+    else:
+        sig = (*arrays, *(scalar,) * (rule.ncols + 1), types.uint64, types.uint64)
+    ptx, _ = cuda.compile_ptx(kcuda.python_noise_kernel(rule, segmented, dtype), sig, cc=(9, 0))
+    return ptx
+
+
+@pytest.mark.gpu  # like the test above: typing the noise hash initializes the CUDA driver
+@pytest.mark.parametrize("segmented", [False, True], ids=["uniform", "segmented"])
+@pytest.mark.parametrize("rule", [kernels.adam.ADAM, kernels.sgd.MOMENTUM], ids=lambda r: r.name)
+def test_float32_noise_kernel_has_no_f64(rule, segmented):
+    """The noise deviates of a float32 kernel are float32 math too (``generator(float32, "compare")``)."""
+    assert [ln for ln in _noise_ptx(rule, segmented, "float32").splitlines() if ".f64" in ln] == []

@@ -7,6 +7,7 @@ in an element function, a float64 scalar argument); the PTX can. Compiling PTX n
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from fastopt import kernels
@@ -55,3 +56,30 @@ def test_the_check_sees_a_float64_literal():
 
 def test_float64_kernel_uses_f64():
     assert _f64_lines(_ptx(kernels.adam.ADAM, False, "float64"))
+
+
+def test_norm_reduction_compiles_with_float64_partials():
+    """The norm reduction accumulates in float64 on purpose (whatever the gradient's dtype)."""
+    from numba.cuda import types
+
+    cuda = kcuda.numba_cuda()
+    source = kcuda._SUMSQ.format(threads=256)
+    fn = _build.compile_source(source, "sumsq_partials", {"cuda": cuda, "np": np})
+    f64 = types.Array(types.float64, 1, "C")
+    ptx, _ = cuda.compile_ptx(fn, (types.Array(types.float32, 1, "C"), types.int64, f64, f64), cc=CC)
+    assert _f64_lines(ptx)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_flat_padding_check_compiles(dtype):
+    """The GPU FlatParams' padding check (fastopt._flat_cuda) compiles for both dtypes."""
+    from numba.cuda import types
+
+    from fastopt import _flat_cuda
+
+    cuda = kcuda.numba_cuda()
+    fn = _build.compile_source(_flat_cuda._PADDING, "padding_kind", {"cuda": cuda})
+    sig = (types.Array(getattr(types, dtype), 1, "C"), types.Array(types.int64, 1, "C"),
+           types.Array(types.int32, 1, "C"))
+    ptx, _ = cuda.compile_ptx(fn, sig, cc=CC)
+    assert "atom" in ptx
