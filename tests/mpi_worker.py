@@ -1,0 +1,184 @@
+"""Run by tests/test_distributed.py under ``mpiexec -n W``: sharded training scenarios whose
+results rank 0 writes to ``OUT/result-W.pkl`` for the test to compare with one process.
+
+The model, the param groups, every optimizer's options and each rank's gradients are defined
+here (``SCENARIOS``, ``make_flat``, ``local_grad``) and imported by the test, which replays
+them in one process on the averaged gradients. mpi4py is imported only in ``main``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+
+import numpy as np
+
+import fastopt as fo
+
+#: 2 ranks cut w2, 3 ranks cut w1 and w2 elsewhere: re-sharding copies from the middle of pieces
+SHAPES = {"w1": (11, 9), "b1": 9, "w2": (9, 9), "b2": 5, "w3": (13,), "frozen": 3}
+STEPS = 3
+
+
+def make_flat(dtype=np.float32) -> fo.FlatParams:
+    flat = fo.FlatParams(SHAPES, dtype)
+    rng = np.random.default_rng(0)
+    for name in flat:
+        flat[name][...] = rng.standard_normal(flat[name].shape)
+    return flat
+
+
+def groups(flat, extra=None):
+    """Two groups with different hyper-parameters; ``frozen`` is in no group."""
+    return [{"params": flat.select("w*"), "weight_decay": 1e-2, **(extra or {})},
+            {"params": flat.select("b*"), "weight_decay": 0.0, "lr": 0.05}]
+
+
+def local_grad(flat, rank: int, step: int, nan: bool = False) -> fo.FlatParams:
+    """Rank ``rank``'s gradient at ``step`` (zero padding); NaN in w2 when ``nan``."""
+    g = flat.zeros_like()
+    rng = np.random.default_rng(1000 * step + rank + 1)
+    for name in g:
+        g[name][...] = rng.standard_normal(g[name].shape) * (rank + 1)
+    if nan:
+        g["w2"][1, 2] = np.nan
+    return g
+
+
+def cosine(step: int) -> float:
+    return 0.01 * (1 + np.cos(np.pi * min(step, 10) / 10)) / 2
+
+
+#: name -> (optimizer class, options, first-group extras, dtype)
+SCENARIOS = {
+    "SGD": (fo.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}, None, np.float32),
+    "Adagrad": (fo.Adagrad, {"lr": 0.1, "lr_decay": 0.01}, None, np.float32),
+    "Adadelta": (fo.Adadelta, {"lr": 1.0}, None, np.float32),
+    "RMSprop": (fo.RMSprop, {"lr": 0.01, "centered": True, "momentum": 0.5}, None, np.float64),
+    "Adam": (fo.Adam, {"lr": cosine, "amsgrad": True}, None, np.float32),
+    "AdamW": (fo.AdamW, {"lr": 0.01}, {"betas": (0.8, 0.99)}, np.float64),
+    "Adamax": (fo.Adamax, {"lr": 0.01}, None, np.float32),
+    "NAdam": (fo.NAdam, {"lr": 0.01}, None, np.float32),
+    "RAdam": (fo.RAdam, {"lr": 0.01, "maximize": True}, None, np.float32),
+    "clip_skip": (fo.Adam, {"lr": 0.01, "clip_grad_norm": 1.0, "skip_nonfinite": True}, None, np.float32),
+}
+#: steps at which rank 1 (or rank 0 alone in one process) sends a NaN in clip_skip
+NAN_STEPS = (1,)
+
+
+def build(name, flat, sharded_cls=None, comm=None):
+    cls, options, extra, _ = SCENARIOS[name]
+    params = groups(flat, extra)
+    if sharded_cls is None:
+        return cls(params, **options)
+    return sharded_cls(cls, params, comm, **options)
+
+
+def main(out: str, load_from: str | None = None) -> None:
+    from mpi4py import MPI
+
+    from fastopt.distributed import ShardedOptimizer
+    from fastopt.distributed_checkpoint import load_sharded, save_sharded
+
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    result = {"world": world, "runs": {}, "state_nbytes": {}}
+    for name, (_, _, _, dtype) in SCENARIOS.items():
+        flat = make_flat(dtype)
+        opt = build(name, flat, ShardedOptimizer, comm)
+        for step in range(STEPS):
+            nan = name == "clip_skip" and step in NAN_STEPS and rank == min(1, world - 1)
+            opt.step(local_grad(flat, rank, step, nan))
+        full = opt.consolidated_state_dict(root=0)
+        result["state_nbytes"][name] = comm.gather(opt.state_nbytes, root=0)
+        if rank == 0:
+            result["runs"][name] = {"params": flat.buffer.copy(), "state": full, "skipped": opt.skipped_steps,
+                                    "step_count": opt.step_count, "norm": opt.last_grad_norm}
+    # checkpoints: Adam, STEPS steps, saved sharded; then (re-)loaded and stepped once more
+    flat = make_flat(np.float32)
+    opt = build("Adam", flat, ShardedOptimizer, comm)
+    for step in range(STEPS):
+        opt.step(local_grad(flat, rank, step))
+    save_sharded(opt, os.path.join(out, "ckpts", f"ckpt-{world}"))
+    if load_from is not None:
+        for source in sorted(os.listdir(load_from)):
+            fresh = make_flat(np.float32)
+            other = build("Adam", fresh, ShardedOptimizer, comm)
+            load_sharded(other, os.path.join(load_from, source))
+            other.step(local_grad(fresh, rank, STEPS))
+            if rank == 0:
+                result.setdefault("resumed", {})[source] = fresh.buffer.copy()
+        # a consolidated dict written by one process loads into any world size
+        with open(os.path.join(out, "single-state.pkl"), "rb") as f:
+            single = pickle.load(f)
+        fresh = make_flat(np.float32)
+        other = build("Adam", fresh, ShardedOptimizer, comm)
+        fresh.buffer[...] = single["params"]
+        other.load_state_dict(single["state"])
+        other.step(local_grad(fresh, rank, STEPS))
+        if rank == 0:
+            result["from_single"] = fresh.buffer.copy()
+    # a model smaller than one aligned shard: the other ranks own nothing and still take part
+    tiny = fo.FlatParams({"a": 5}, np.float32)
+    tiny["a"][...] = np.arange(5)
+    opt = ShardedOptimizer(fo.Adam, tiny, comm, lr=0.1)
+    for step in range(STEPS):
+        opt.step(local_grad(tiny, rank, step))
+    full = opt.consolidated_state_dict(root=0)
+    if rank == 0:
+        result["tiny"] = {"params": tiny.buffer.copy(), "state": full}
+    save_sharded(opt, os.path.join(out, f"tiny-{world}"))
+    # argument errors are raised before any communication
+    flat = make_flat(np.float32)
+    opt = build("Adam", flat, ShardedOptimizer, comm)
+    calls = {"grad_noise": lambda: ShardedOptimizer(fo.Adam, flat, comm, grad_noise=(0.1, 0.55)),
+             "class": lambda: ShardedOptimizer(object, flat, comm),
+             "align": lambda: ShardedOptimizer(fo.Adam, flat, comm, align=48),
+             "lr": lambda: ShardedOptimizer(fo.Adam, flat, comm, lr=-1.0),
+             "layout": lambda: opt.step(fo.FlatParams({"x": 3}).zeros_like()),
+             "aliased": lambda: opt.step(flat)}
+    result["errors"] = {}
+    for label, call in calls.items():
+        try:
+            call()
+            result["errors"][label] = None
+        except Exception as exc:  # noqa: BLE001 - the test checks the type
+            result["errors"][label] = type(exc).__name__
+    # parameters start as rank 0's; a rank with another model makes every rank raise
+    flat = make_flat(np.float32)
+    flat.buffer[...] += rank
+    ShardedOptimizer(fo.SGD, flat, comm, lr=0.1)
+    result["broadcast"] = comm.gather(float(flat.buffer.sum() - make_flat(np.float32).buffer.sum()), root=0)
+    try:
+        ShardedOptimizer(fo.SGD, fo.FlatParams({"a": 5 + (rank == world - 1)}), comm, lr=0.1)
+        mismatch = None
+    except ValueError as exc:
+        mismatch = str(exc)
+    result["mismatch"] = comm.gather(mismatch, root=0)
+    # a bad state dict raises on every rank and changes nothing
+    flat = make_flat(np.float32)
+    opt = build("Adam", flat, ShardedOptimizer, comm)
+    before = flat.buffer.copy()
+    try:
+        opt.load_state_dict({"optimizer": "Adam", "format": 1, "param_groups": [], "state": {}})
+        result["bad_load"] = "accepted"
+    except ValueError as exc:
+        result["bad_load"] = str(exc)
+    # a missing checkpoint, and one of another model, raise on every rank and change nothing
+    for label, where in (("missing", "nowhere"), ("foreign", f"tiny-{world}")):
+        try:
+            load_sharded(opt, os.path.join(out, where))
+            result[f"{label}_load"] = None
+        except (OSError, ValueError) as exc:
+            result[f"{label}_load"] = comm.gather(f"{type(exc).__name__}: {exc}", root=0)
+    result["bad_load_unchanged"] = bool(np.array_equal(before, flat.buffer))
+    oks = comm.gather(result["bad_load"] != "accepted", root=0)
+    if rank == 0:
+        result["bad_load_all_ranks"] = all(oks)
+        with open(os.path.join(out, f"result-{world}.pkl"), "wb") as f:
+            pickle.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
