@@ -23,7 +23,7 @@ import time
 import numba
 import numpy as np
 import pytest
-from conftest import sizes
+from bench_sizes import sizes
 
 import fastopt as fo
 from fastopt.kernels import _config, noise

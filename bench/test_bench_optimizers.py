@@ -11,17 +11,15 @@ NumPy baseline is ``fastopt._numpy_baseline``, checked against fastopt in its ow
 torch uses ``fused=True`` where it has a fused CPU kernel, else ``foreach=True``.
 """
 
-import os
 
 import numpy as np
 import pytest
+from bench_sizes import sizes
 
 import fastopt as fo
 from fastopt.bench import SPECS
 
-# Not ``from conftest import sizes``: in a full run that name can resolve to another
-# directory's conftest (tests/cuda/conftest.py), and collection fails.
-SIZES = [int(float(s)) for s in os.environ.get("FASTOPT_BENCH_SIZES", "1e3,1e5,1e7").split(",")]
+SIZES = sizes("1e3,1e5,1e7")
 IMPLS = ["fastopt", "numpy", "torch"]
 
 

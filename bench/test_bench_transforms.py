@@ -17,19 +17,12 @@ The default size is a smoke test; ``FASTOPT_BENCH_SIZES`` sets real ones.
 
 from __future__ import annotations
 
-import os
-
 import numba
 import numpy as np
 import pytest
+from bench_sizes import sizes
 
 import fastopt as fo
-
-
-def sizes(default: str) -> list[int]:
-    """Sizes from ``FASTOPT_BENCH_SIZES`` (comma-separated, e.g. ``1e3,1e5,1e7``)."""
-    return [int(float(s)) for s in os.environ.get("FASTOPT_BENCH_SIZES", default).split(",")]
-
 
 OPTIONS = {
     "fastopt": {},
