@@ -2,7 +2,7 @@
 
 One panel per size: for every optimizer, the bytes per second its step moves (the bytes a fused
 step must read and write, over the step's time) for fastopt, torch and NumPy, against the
-in-place ``x += a * y`` bandwidth measured at the same size (the dashed line, the roofline).
+in-place ``x += a * y`` bandwidth measured on the same memory footprint (the dashed line, the roofline).
 Uses matplotlib's object API (``Figure``), so it never touches the user's pyplot backend.
 """
 

@@ -452,7 +452,7 @@ def format_table(report: Report) -> str:
     lines.extend(fmt(row) for row in table)
     lines.append("")
     lines.append("ms/step: median fastopt step; GB/s: bytes a fused step must move (B/param) per second; "
-                 "roofline: GB/s over x += a*y's at the same size, timed in turns with the row; "
+                 "roofline: GB/s over x += a*y's on the same memory footprint, timed in turns with the row; "
                  "vs: the other's time over fastopt's. "
                  f"{report.seconds:.0f} s.")
     return "\n".join(lines)

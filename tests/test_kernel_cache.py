@@ -43,3 +43,29 @@ def test_cached_parallel_kernel_matches_fresh_and_serial(tmp_path):
     reference = results["compiled", "serial"]
     for key, value in results.items():
         np.testing.assert_array_equal(value, reference, err_msg=str(key))
+
+
+CACHED_VARIANTS = r"""
+import sys
+import numpy as np
+from fastopt.kernels import _build, adam, reduce
+x = np.ones(64, np.float32)
+order = sys.argv[1]
+for parallel in ((False, True) if order == "serial-first" else (True, False)):
+    reduce._kernel(parallel)(x, 8)
+    rule = adam.ADAM
+    args = [np.zeros(64, np.float32) for _ in range(2 + len(rule.state))]
+    _build.cpu_kernel(rule, parallel)(*args, np.array([0, 64]), np.ones((1, rule.ncols), np.float32))
+"""
+
+
+def test_serial_and_parallel_variants_have_their_own_cache_entries(tmp_path):
+    """Numba's cache ignores ``parallel=``; each variant must be cached under its own name, or
+    the one compiled first is loaded for both (found: a parallel reduction running serially)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", CACHED_VARIANTS, "serial-first"], env=env, check=True, timeout=600)
+    names = sorted(f for _, _, files in os.walk(tmp_path) for f in files if f.endswith(".nbi"))
+    reduce_entries = [n for n in names if "sumsq_chunks" in n]
+    adam_entries = [n for n in names if n.startswith("_build.adam_")]
+    assert len(reduce_entries) == 2, names
+    assert len(adam_entries) == 2, names
