@@ -93,17 +93,7 @@ class HostBackend:
         kernel = _build.cpu_noise_kernel(rule, _build.use_parallel(rule, param.size), param.dtype)
         kernel(param, grad, *states, bounds, table, key, offset)
 
-    @staticmethod
-    def sumsq(grads) -> tuple[float, bool]:
-        """``(sum of squares, finite)`` over flat gradients (``None`` skipped), each reduced in
-        fixed chunks by :func:`kernels.reduce.sumsq` and added in order."""
-        total, finite = 0.0, True
-        for g in grads:
-            if g is not None and g.size:
-                s, f = reduce.sumsq(g)
-                total += s
-                finite = finite and f
-        return total, finite
+    sumsq = staticmethod(reduce.sumsq_all)  # (sum of squares, finite) over flat gradients
 
     @staticmethod
     def to_host(buf: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .flat import FlatLayout, FlatParams, FlatSelection, aligned_zeros
+from .flat import FlatLayout, FlatParams, FlatSelection, aligned_zeros, host_gradient_buffer
 from .kernels import _build, _config
 
 _FLAT_TYPES = (FlatParams, FlatSelection)
@@ -328,27 +328,7 @@ class FlatEngine:
     def _grad_buffer(self, grads) -> np.ndarray:
         if self.device:
             return self._device_grad_buffer(grads)
-        layout = self.layout
-        if isinstance(grads, FlatParams):
-            if grads.layout is not layout and grads.layout != layout:
-                raise ValueError("the gradient FlatParams has a different layout from the parameters; "
-                                 "make gradients with flat.zeros_like()")
-            g = grads.buffer
-        elif isinstance(grads, np.ndarray):
-            if grads.dtype != layout.dtype:
-                raise TypeError(f"gradient buffer has dtype {grads.dtype}; the parameters have dtype {layout.dtype}")
-            if grads.shape != (layout.size,):
-                raise ValueError(f"gradient buffer has shape {grads.shape}; the flat parameters' buffer has "
-                                 f"shape ({layout.size},) (padding included; see flat.zeros_like())")
-            if not grads.flags.c_contiguous:
-                raise ValueError("gradient buffer is not C-contiguous")
-            g = grads
-        else:
-            raise TypeError("step() of an optimizer over a FlatParams takes the gradient as a FlatParams "
-                            f"with the same layout (flat.zeros_like()) or its 1-D buffer, got {type(grads).__name__}")
-        if np.may_share_memory(g, self.flat.buffer):
-            raise ValueError("the gradient shares memory with the parameters; pass a separate buffer "
-                             "(flat.zeros_like())")
+        g = host_gradient_buffer(grads, self.layout, self.flat.buffer, "step() of an optimizer over a FlatParams")
         for name, buf in self.buffers.items():
             if np.may_share_memory(g, buf):
                 raise ValueError(f"the gradient shares memory with the optimizer's {name} state")

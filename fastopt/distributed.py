@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from .flat import FlatLayout, FlatParams, FlatSelection, aligned_zeros
+from .flat import FlatLayout, FlatParams, FlatSelection, aligned_zeros, host_gradient_buffer
 from .kernels import reduce
 from .optimizer import Optimizer
 from .transforms import GradTransforms, clip_coefficient
@@ -247,26 +247,7 @@ class ShardedOptimizer:
 
     # -- the step -----------------------------------------------------------------------
     def _check_grads(self, grads) -> np.ndarray:
-        layout = self.flat.layout
-        if isinstance(grads, FlatParams):
-            if grads.layout != layout:
-                raise ValueError("the gradient FlatParams has a different layout from the parameters; "
-                                 "make gradients with flat.zeros_like()")
-            g = grads.buffer
-        elif isinstance(grads, np.ndarray):
-            if grads.dtype != layout.dtype:
-                raise TypeError(f"gradient buffer has dtype {grads.dtype}; the parameters have dtype {layout.dtype}")
-            if grads.shape != (layout.size,):
-                raise ValueError(f"gradient buffer has shape {grads.shape}; expected ({layout.size},)")
-            if not grads.flags.c_contiguous:
-                raise ValueError("gradient buffer is not C-contiguous")
-            g = grads
-        else:
-            raise TypeError("step() takes the local gradient as a FlatParams (flat.zeros_like()) or its 1-D buffer, "
-                            f"got {type(grads).__name__}")
-        if np.may_share_memory(g, self.flat.buffer):
-            raise ValueError("the gradient shares memory with the parameters; pass flat.zeros_like()")
-        return g
+        return host_gradient_buffer(grads, self.flat.layout, self.flat.buffer, "ShardedOptimizer.step()")
 
     def step(self, local_grads) -> None:
         """Average the ranks' gradients, update this rank's shard, all-gather the parameters.

@@ -202,6 +202,34 @@ class FlatLayout:
         return mask
 
 
+def host_gradient_buffer(grads, layout: FlatLayout, params: np.ndarray, where: str = "step()") -> np.ndarray:
+    """The 1-D host buffer of a gradient for parameters laid out by ``layout``: ``grads`` is a
+    FlatParams with that layout (``flat.zeros_like()``) or its buffer. Raises TypeError or
+    ValueError, naming the problem, for anything else or a buffer that shares memory with
+    ``params``."""
+    if isinstance(grads, FlatParams):
+        if grads.layout is not layout and grads.layout != layout:
+            raise ValueError("the gradient FlatParams has a different layout from the parameters; "
+                             "make gradients with flat.zeros_like()")
+        g = grads.buffer
+    elif isinstance(grads, np.ndarray):
+        if grads.dtype != layout.dtype:
+            raise TypeError(f"gradient buffer has dtype {grads.dtype}; the parameters have dtype {layout.dtype}")
+        if grads.shape != (layout.size,):
+            raise ValueError(f"gradient buffer has shape {grads.shape}; the flat parameters' buffer has "
+                             f"shape ({layout.size},) (padding included; see flat.zeros_like())")
+        if not grads.flags.c_contiguous:
+            raise ValueError("gradient buffer is not C-contiguous")
+        g = grads
+    else:
+        raise TypeError(f"{where} takes the gradient as a FlatParams with the same layout "
+                        f"(flat.zeros_like()) or its 1-D buffer, got {type(grads).__name__}")
+    if np.may_share_memory(g, params):
+        raise ValueError("the gradient shares memory with the parameters; pass a separate buffer "
+                         "(flat.zeros_like())")
+    return g
+
+
 class FlatParams(Mapping):
     """Named tensors of any shape held as views into one contiguous, aligned buffer.
 

@@ -56,17 +56,6 @@ def _as_arrays(grads) -> list[np.ndarray]:
     return arrays
 
 
-def _sumsq(arrays) -> tuple[float, bool]:
-    """Sum of squares over all arrays (each reduced in fixed chunks, added in order)."""
-    total, finite = 0.0, True
-    for g in arrays:
-        if g is not None and g.size:
-            s, f = reduce.sumsq(g)
-            total += s
-            finite = finite and f
-    return total, finite
-
-
 def clip_coefficient(norm: float, max_norm: float) -> float:
     """torch's factor, ``min(1, max_norm / (norm + 1e-6))``; NaN stays NaN (as ``torch.clamp``)."""
     coef = max_norm / (norm + CLIP_EPS)
@@ -75,7 +64,7 @@ def clip_coefficient(norm: float, max_norm: float) -> float:
 
 def grad_norm(grads) -> float:
     """The global L2 norm of one array or a sequence of arrays (float64, thread-count independent)."""
-    return math.sqrt(_sumsq(_as_arrays(grads))[0])
+    return math.sqrt(reduce.sumsq_all(_as_arrays(grads))[0])
 
 
 def clip_grad_norm_(grads, max_norm: float, *, error_if_nonfinite: bool = False) -> float:
@@ -94,7 +83,7 @@ def clip_grad_norm_(grads, max_norm: float, *, error_if_nonfinite: bool = False)
     for i, g in enumerate(arrays):
         if not g.flags.writeable:
             raise ValueError(f"gradient {i} is read-only; clip_grad_norm_ scales gradients in place")
-    norm = math.sqrt(_sumsq(arrays)[0])
+    norm = math.sqrt(reduce.sumsq_all(arrays)[0])
     if error_if_nonfinite and not math.isfinite(norm):
         raise RuntimeError(f"The total norm of the gradients is {norm}, so they cannot be clipped "
                            "(error_if_nonfinite=True)")

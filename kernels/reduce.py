@@ -96,3 +96,15 @@ def sumsq(x: np.ndarray) -> tuple[float, bool]:
     """Sum of squares (float64) and whether every element is finite, in one pass over ``x``."""
     flat = x.reshape(-1)
     return _kernel(flat.size >= _config.PARALLEL_MIN_WORK)(flat, _config.CHUNK)
+
+
+def sumsq_all(arrays) -> tuple[float, bool]:
+    """``(sum of squares, finite)`` over several flat arrays (``None`` and empty skipped), each
+    reduced by :func:`sumsq` and added in order, so the total is thread-count independent."""
+    total, finite = 0.0, True
+    for g in arrays:
+        if g is not None and g.size:
+            s, f = sumsq(g)
+            total += s
+            finite = finite and f
+    return total, finite
