@@ -171,25 +171,7 @@ def cpu_kernel(rule: Rule, parallel: bool):
 def build_cpu_kernel(rule: Rule, parallel: bool, cache: bool):
     """A new dispatcher for ``rule``'s CPU loop. ``cache=False`` gives one whose LLVM IR and
     assembly can be inspected (Numba cannot inspect code loaded from its cache)."""
-    from numba import njit, prange
-
-    source = render(rule, _CPU_TEMPLATE, "{fname}")
-    fname = f"{rule.name}_{'parallel' if parallel else 'serial'}_{_source_hash(rule, source)}"
-    element = njit(inline="always", fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL)(
-        rule.element
-    )
-    py_func = compile_source(
-        render(rule, _CPU_TEMPLATE, fname),
-        fname,
-        {"np": np, "prange": prange, "element": element},
-    )
-    return njit(
-        parallel=parallel,
-        cache=cache,
-        fastmath=_config.FASTMATH,
-        error_model=_config.ERROR_MODEL,
-        nogil=True,
-    )(py_func)
+    return _build_cpu(rule, _CPU_TEMPLATE, rule.name, "", parallel, cache, {})
 
 
 @functools.cache
@@ -202,24 +184,29 @@ def cpu_noise_kernel(rule: Rule, parallel: bool, dtype: np.dtype):
 
 def build_cpu_noise_kernel(rule: Rule, parallel: bool, dtype: np.dtype, cache: bool):
     """A new dispatcher for :func:`cpu_noise_kernel` (``cache=False``: inspectable)."""
-    from numba import njit, prange
-
     from . import noise
 
     dtype = np.dtype(dtype)
-    source = render(rule, _CPU_NOISE_TEMPLATE, "{fname}")
-    with open(noise.__file__, "rb") as f:
-        digest = _source_hash(rule, source + f.read().decode())
-    fname = f"{rule.name}_noise_{dtype.name}_{'parallel' if parallel else 'serial'}_{digest}"
+    with open(noise.__file__, "rb") as f:  # the generator's source is part of the kernel
+        generator_source = f.read().decode()
+    namespace = {"fill_normal": noise.generator(dtype)[2], "NOISE_COL": rule.ncols}
+    return _build_cpu(rule, _CPU_NOISE_TEMPLATE, f"{rule.name}_noise_{dtype.name}", generator_source,
+                      parallel, cache, namespace)
+
+
+def _build_cpu(rule: Rule, template: str, stem: str, extra_source: str, parallel: bool, cache: bool,
+               namespace: dict):
+    """Render ``template`` for ``rule``, compile it under a name that hashes everything it is
+    built from (``extra_source`` too), and wrap it in a Numba dispatcher."""
+    from numba import njit, prange
+
+    digest = _source_hash(rule, render(rule, template, "{fname}") + extra_source)
+    fname = f"{stem}_{'parallel' if parallel else 'serial'}_{digest}"
     element = njit(inline="always", fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL)(
         rule.element
     )
-    py_func = compile_source(
-        render(rule, _CPU_NOISE_TEMPLATE, fname),
-        fname,
-        {"np": np, "prange": prange, "element": element, "fill_normal": noise.generator(dtype)[2],
-         "NOISE_COL": rule.ncols},
-    )
+    py_func = compile_source(render(rule, template, fname), fname,
+                             {"np": np, "prange": prange, "element": element, **namespace})
     return njit(
         parallel=parallel,
         cache=cache,
