@@ -124,8 +124,9 @@ def {fname}(param, grad, {state_args}grad_scale, {scalar_args}):
         i += stride
 '''
 
-_SEGMENTED = '''
-def {fname}(param, grad, {state_args}bounds, table):
+# The segmented loops: each thread finds its element's segment (its row of the table) by a
+# binary search in ``bounds``, starting from the segment of its previous element.
+_SEGMENT_SEARCH = '''
     i = cuda.grid(1)
     stride = cuda.gridsize(1)
     n = param.size
@@ -139,7 +140,10 @@ def {fname}(param, grad, {state_args}bounds, table):
                 s = mid
             else:
                 hi = mid
-        grad_scale = table[s, 0]
+        grad_scale = table[s, 0]'''
+
+_SEGMENTED = '''
+def {fname}(param, grad, {state_args}bounds, table):''' + _SEGMENT_SEARCH + '''
 {unpack}
         {outputs} = element(param[i], grad[i] * grad_scale, {state_loads}{scalar_args})
         i += stride
@@ -157,21 +161,7 @@ def {fname}(param, grad, {state_args}grad_scale, {scalar_args}, noise_std, noise
 '''
 
 _SEGMENTED_NOISE = '''
-def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):
-    i = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    n = param.size
-    last = bounds.size - 1
-    s = 0
-    while i < n:
-        hi = last
-        while hi - s > 1:
-            mid = (s + hi) // 2
-            if bounds[mid] <= i:
-                s = mid
-            else:
-                hi = mid
-        grad_scale = table[s, 0]
+def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):''' + _SEGMENT_SEARCH + '''
         noise_std = table[s, NOISE_COL]
 {unpack}
         g = grad[i] * grad_scale + noise_std * normal(noise_key, noise_offset + np.uint64(i))
