@@ -26,9 +26,15 @@ many tensors in several param groups is still one launch.
 With gradient noise (``grad_noise``), a second template adds ``noise_std * z_j`` to each
 scaled gradient, ``noise_std`` from the table's column ``rule.ncols`` (one past the rule's
 scalars) and ``z_j`` the counter-based normal deviate of element ``j = noise_offset + i``
-(``kernels.noise``): each chunk first fills a scratch buffer with its deviates, two per hash,
-then runs the loop above on ``g * grad_scale + noise_std * z``. The noise-free loop is the
-plain template, unchanged.
+(``kernels.noise``). Deviates come in blocks of 32 elements (elements ``k`` and ``k + 16`` of
+a block share one hash), so the noise loop runs block by block: a ``_blocks`` function hashes
+16 counters, draws 32 deviates and updates the block's 32 elements in one vectorized pass, the
+hashing and Box-Muller arithmetic overlapping the memory traffic. It prefetches its streams
+4 KiB ahead (the arithmetic would otherwise slow the loads) and is compiled for 512-bit
+vectors where the CPU has them (``kernels._llvm``). A block cut by a chunk or segment end is
+copied to a scratch block and run through the same function, so every element's numbers come
+from the same code, whatever the chunking, the thread count or the parameter split. The
+noise-free loop is the plain template, unchanged.
 
 The generated source is compiled under this file's name, so Numba's on-disk cache works for
 it; the function name carries a hash of the rule's source file, the template and the compile
@@ -97,24 +103,64 @@ def {fname}(param, grad, {state_args}bounds, table):
 
 
 _CPU_NOISE_TEMPLATE = '''
+def {fname}_blocks(param_, grad_, {state_args_}at, nblocks, counter, grad_scale, noise_std, {scalar_args}):
+    prefer_wide_vectors()
+    for b in range(nblocks):
+        ahead = at + PREFETCH
+        for line in range(np.uint64(0), BLOCK, LINE):
+{prefetch}
+        for k in range(HALF_BLOCK):  # hash k of the block feeds elements k and k + 16
+            z0, z1 = pair_at(counter)
+            counter += GOLDEN
+            i = at + k
+            j = i + HALF_BLOCK
+            g = grad_[i] * grad_scale + noise_std * z0
+            {outputs_i} = element(param_[i], g, {state_loads_i}{scalar_args})
+            g = grad_[j] * grad_scale + noise_std * z1
+            {outputs_j} = element(param_[j], g, {state_loads_j}{scalar_args})
+        at += BLOCK
+
+
 def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):
     n = param.size
+    offset = np.uint64(noise_offset)  # element i is element offset + i of the noise stream
     nchunks = (n + {chunk} - 1) // {chunk}
     for c in prange(nchunks):
         lo = c * {chunk}
         hi = min(lo + {chunk}, n)
-        noise = np.empty(hi - lo, param.dtype)
-        fill_normal(noise, noise_key, np.uint64(noise_offset + lo))
-        first = np.uint64(lo)
+        scratch = np.empty(({nstreams}, BLOCK), param.dtype)  # a block cut by a chunk or segment end
         s = np.searchsorted(bounds, lo, side="right") - 1
         while lo < hi:
             end = min(bounds[s + 1], hi)
             grad_scale = table[s, 0]
             noise_std = table[s, NOISE_COL]
 {unpack}
-            for i in range(np.uint64(lo), np.uint64(end)):
-                g = grad[i] * grad_scale + noise_std * noise[i - first]
-                {outputs} = element(param[i], g, {state_loads}{scalar_args})
+            first = np.uint64(lo)
+            last = np.uint64(end)
+            # noise blocks are BLOCK elements from a multiple of BLOCK in the stream: the whole
+            # ones in [lo, end), and a cut one at each end where that end is not aligned
+            head = first - (offset + first) % BLOCK  # start of the block holding first
+            tail = last - (offset + last) % BLOCK  # start of the block holding last (if any)
+            whole_from = head if head == first else head + BLOCK
+            if tail > whole_from:
+                {fname}_blocks({streams}, whole_from, (tail - whole_from) // BLOCK,
+                               noise_key + (((offset + whole_from) >> ONE) + ONE) * GOLDEN,
+                               grad_scale, noise_std, {scalar_args})
+            for cut in range(2):  # the same loop on a copy of a cut block: same code, same numbers
+                base = head if cut == 0 else tail
+                if last == first or (head == first if cut == 0 else (tail == last or (tail == head and head != first))):
+                    continue
+                for r in range(BLOCK):
+                    q = base + np.uint64(r)
+                    inside = q - first < last - first
+{copy_in}
+                {fname}_blocks({scratch_rows}, np.uint64(0), np.uint64(1),
+                               noise_key + (((offset + base) >> ONE) + ONE) * GOLDEN,
+                               grad_scale, noise_std, {scalar_args})
+                for r in range(BLOCK):
+                    q = base + np.uint64(r)
+                    if q - first < last - first:
+{copy_out}
             lo = end
             s += 1
 '''
@@ -140,6 +186,8 @@ def render(rule: Rule, template: str, fname: str, indent: int = 12) -> str:
     unpack = "\n".join(
         f"{indent}{name} = table[s, {j + len(GENERIC_COLUMNS)}]" for j, name in enumerate(rule.scalars)
     )
+    streams = ("param", "grad") + rule.state
+    written = ("param",) + rule.state
     return template.format(
         fname=fname,
         chunk=_config.CHUNK,
@@ -147,6 +195,20 @@ def render(rule: Rule, template: str, fname: str, indent: int = 12) -> str:
         unpack=unpack,
         outputs="".join(f"{name}[i], " for name in ("param",) + rule.state).rstrip(" "),
         state_loads="".join(f"{s}[i], " for s in rule.state),
+        # the noise template: element i and j of the streams chosen per block (suffix _)
+        outputs_i="".join(f"{name}_[i], " for name in written).rstrip(" "),
+        state_loads_i="".join(f"{s}_[i], " for s in rule.state),
+        outputs_j="".join(f"{name}_[j], " for name in written).rstrip(" "),
+        state_loads_j="".join(f"{s}_[j], " for s in rule.state),
+        nstreams=len(streams),
+        state_args_="".join(f"{s}_, " for s in rule.state),
+        stream_vars=", ".join(f"{name}_" for name in streams),
+        streams=", ".join(streams),
+        scratch_rows=", ".join(f"scratch[{k}]" for k in range(len(streams))),
+        prefetch="\n".join(f"            prefetch({name}_, ahead + line)" for name in streams),
+        copy_in="\n".join(f"{indent}        scratch[{k}, r] = {name}[q] if inside else {name}[first]"
+                          for k, name in enumerate(streams)),
+        copy_out="\n".join(f"{indent}            {name}[q] = scratch[{streams.index(name)}, r]" for name in written),
         scalar_args=", ".join(rule.scalars),
     )
 
@@ -184,12 +246,21 @@ def cpu_noise_kernel(rule: Rule, parallel: bool, dtype: np.dtype):
 
 def build_cpu_noise_kernel(rule: Rule, parallel: bool, dtype: np.dtype, cache: bool):
     """A new dispatcher for :func:`cpu_noise_kernel` (``cache=False``: inspectable)."""
-    from . import noise
+    from . import _llvm, noise
 
     dtype = np.dtype(dtype)
-    with open(noise.__file__, "rb") as f:  # the generator's source is part of the kernel
-        generator_source = f.read().decode()
-    namespace = {"fill_normal": noise.generator(dtype)[2], "NOISE_COL": rule.ncols}
+    generator_source = ""
+    for module in (noise, _llvm):  # the generator's and the intrinsics' source are part of the kernel
+        with open(module.__file__, "rb") as f:
+            generator_source += f.read().decode()
+    pair_at = noise.generator(dtype)[3]
+    namespace = {
+        "pair_at": pair_at, "NOISE_COL": rule.ncols,
+        "prefer_wide_vectors": _llvm.prefer_wide_vectors, "prefetch": _llvm.prefetch,
+        "BLOCK": np.uint64(noise.BLOCK), "HALF_BLOCK": np.uint64(noise.HALF_BLOCK), "ONE": np.uint64(1),
+        "GOLDEN": np.uint64(noise.GOLDEN), "LINE": np.uint64(max(1, 64 // dtype.itemsize)),
+        "PREFETCH": np.uint64(_config.PREFETCH_BYTES // dtype.itemsize),
+    }
     return _build_cpu(rule, _CPU_NOISE_TEMPLATE, f"{rule.name}_noise_{dtype.name}", generator_source,
                       parallel, cache, namespace)
 
@@ -207,6 +278,10 @@ def _build_cpu(rule: Rule, template: str, stem: str, extra_source: str, parallel
     )
     py_func = compile_source(render(rule, template, fname), fname,
                              {"np": np, "prange": prange, "element": element, **namespace})
+    helper = f"{fname}_blocks"  # the noise template's block loop, called from two places
+    if helper in py_func.__globals__:
+        py_func.__globals__[helper] = njit(cache=cache, fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL,
+                                           nogil=True)(py_func.__globals__[helper])
     return njit(
         parallel=parallel,
         cache=cache,

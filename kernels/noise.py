@@ -4,7 +4,11 @@ Deviate number :math:`j` of a step is a pure function of a 64-bit *key* (derived
 user's seed and the step, :func:`stream_key`) and :math:`j` (the element's index in the
 optimizer's parameter order); no generator state is carried between elements or threads.
 
-Elements come in pairs :math:`(2i, 2i + 1)` that share one 64-bit hash (Box-Muller, 1958):
+Elements come in blocks of 32, and element :math:`j = 32b + r` (:math:`0 \le r < 32`) gets
+one of the two deviates of hash number :math:`i = 16b + (r \bmod 16)` (Box-Muller, 1958): the
+first for :math:`r < 16`, the second for :math:`r \ge 16`. So elements :math:`j` and
+:math:`j + 16` share a hash, and a block's 16 hashes feed one 512-bit vector of float32 for
+each half of the block, with no shuffles:
 
 .. math::
 
@@ -12,7 +16,8 @@ Elements come in pairs :math:`(2i, 2i + 1)` that share one 64-bit hash (Box-Mull
          \qquad (\text{SplitMix64's finalizer}, \ \gamma = \texttt{0x9E3779B97F4A7C15}) \\
     u &= (\lfloor h / 2^{32} \rfloor + 1) / 2^{32} \in (0, 1], \qquad
     \theta = 2\pi\,(h \bmod 2^{32}) / 2^{32} \\
-    z_{2i} &= \sqrt{-2 \ln u}\,\cos\theta, \qquad z_{2i+1} = \sqrt{-2 \ln u}\,\sin\theta
+    z_{32b + k} &= \sqrt{-2 \ln u}\,\cos\theta, \qquad z_{32b + 16 + k} = \sqrt{-2 \ln u}\,\sin\theta
+    \qquad (i = 16b + k, \ 0 \le k < 16)
 
 so :math:`z_j \sim \mathcal N(0, 1)`, independent, truncated at
 :math:`|z| \le \sqrt{64 \ln 2} \approx 6.66` by the 32-bit :math:`u`.
@@ -28,10 +33,9 @@ dtype. Every float constant is a NumPy scalar of the buffer's dtype (a Python fl
 turn float32 math into float64), which is why :func:`generator` builds one set of functions
 per dtype.
 
-Cost (float32, 2-core Xeon, AVX-512 machine compiling for 256-bit vectors): about 0.75 ns per
-deviate and core, a quarter each for the hash, the logarithm and the sine/cosine; the noise
-kernels draw a chunk's deviates into a scratch buffer (one vectorized pass, two deviates per
-hash), then run the update loop on them.
+The noise kernels (``kernels._build``) draw a block's deviates inside the update loop, one
+hash per two elements, so the arithmetic overlaps the loop's memory traffic; :func:`fill` is
+the same loop writing the deviates out (tests, benchmarks).
 
 For the CUDA target: ``generator(dtype, split="compare")`` returns ``register_jitable``
 functions that use nothing but arithmetic, comparisons and integer casts, so a ``numba.cuda``
@@ -65,6 +69,15 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 _EIGHTH_TURN = np.uint64(1 << 29)
 _EIGHTH_TURN_I = np.int64(1 << 29)
 _TURN_MASK = np.uint64((1 << 30) - 1)
+
+#: Elements per block and hashes (pairs) per block: element ``32b + k`` and ``32b + 16 + k``
+#: share hash ``16b + k``.
+BLOCK = 32
+HALF_BLOCK = BLOCK // 2
+_BLOCK = np.uint64(BLOCK)
+_HALF_BLOCK = np.uint64(HALF_BLOCK)
+_S5 = np.uint64(5)
+_LOW4 = np.uint64(HALF_BLOCK - 1)
 
 
 @register_jitable
@@ -171,11 +184,13 @@ _BITS = {np.dtype(np.float32): (np.uint32, 23, 126), np.dtype(np.float64): (np.u
 
 @functools.cache
 def generator(dtype, split: str = "bitcast") -> tuple:
-    """``(pair, normal, fill)`` for buffers of ``dtype`` (float32 or float64).
+    """``(pair, normal, fill, pair_at)`` for buffers of ``dtype`` (float32 or float64).
 
-    - ``pair(key, i) -> (z_2i, z_2i+1)``, the two deviates of hash number ``i`` (uint64);
-    - ``normal(key, j) -> z_j`` for one element (uint64 ``j``);
-    - ``fill(out, key, start)`` writes ``out[k] = z_{start + k}`` pair by pair (the CPU path).
+    - ``pair(key, i) -> (z_a, z_b)``, the two deviates of hash number ``i`` (uint64);
+    - ``normal(key, j) -> z_j`` for one element (uint64 ``j``: block ``j // 32``, see above);
+    - ``fill(out, key, start)`` writes ``out[k] = z_{start + k}`` block by block (the CPU loop);
+    - ``pair_at(counter)``: ``pair`` of ``counter = key + (i + 1) * GOLDEN``, inlined where it is
+      called (the noise kernels step the counter by ``GOLDEN`` per hash: no multiply in the loop).
 
     ``split="compare"`` builds functions that compile for any Numba target (``numba.cuda``);
     the default ``"bitcast"`` is faster on the CPU. Both give the same numbers.
@@ -222,32 +237,27 @@ def generator(dtype, split: str = "bitcast") -> tuple:
     def pair(key, i):
         return pair_at(key + (i + _U1) * _GOLDEN)
 
-    @register_jitable(inline="always")
+    @register_jitable  # not inlined by Numba: its selects would be mis-scoped at several call sites
     def normal(key, j):
-        z0, z1 = pair(key, j >> _U1)
-        return z1 if (j & _U1) != _U0 else z0
+        z0, z1 = pair(key, ((j >> _S5) * _HALF_BLOCK) + (j & _LOW4))
+        return z1 if (j & _HALF_BLOCK) != _U0 else z0
 
     @register_jitable
     def fill(out, key, start):
         n = np.uint64(out.size)
-        k = _U0
-        if n == _U0:
-            return
-        if (start & _U1) != _U0:  # an odd first element: the second deviate of its pair
-            z0, z1 = pair(key, start >> _U1)
-            out[k] = z1
-            k = _U1
-        npairs = (n - k) >> _U1
-        counter = key + (((start + k) >> _U1) + _U1) * _GOLDEN
-        for q in range(npairs):  # the counter as a recurrence: no multiply in the loop
-            i = np.uint64(q)
-            z0, z1 = pair_at_inline(counter)
-            out[k + _U2 * i] = z0
-            out[k + _U2 * i + _U1] = z1
-            counter += _GOLDEN
-        k = k + _U2 * npairs
-        if k < n:  # an even last element: the first deviate of its pair
-            z0, z1 = pair(key, (start + k) >> _U1)
-            out[k] = z0
+        head = min(n, (_BLOCK - start % _BLOCK) % _BLOCK)  # elements before the first whole block
+        for k in range(head):
+            out[k] = normal(key, start + k)
+        nblocks = (n - head) // _BLOCK
+        for b in range(nblocks):
+            base = head + b * _BLOCK
+            counter = key + (((start + base) >> _U1) + _U1) * _GOLDEN  # hash (start + base) / 2
+            for q in range(_HALF_BLOCK):
+                z0, z1 = pair_at_inline(counter)
+                out[base + q] = z0
+                out[base + _HALF_BLOCK + q] = z1
+                counter += _GOLDEN
+        for k in range(head + nblocks * _BLOCK, n):
+            out[k] = normal(key, start + k)
 
-    return pair, normal, fill
+    return pair, normal, fill, pair_at_inline

@@ -59,6 +59,41 @@ def test_hot_loop_vectorizes(name):
     assert packed_loads, f"{name}: no packed loads"
 
 
+def _noise_kernel_asm(rule):
+    kernel = _build.build_cpu_noise_kernel(rule, False, f32, cache=False)
+    n = 100  # a whole block and cut ones (the offset is not a multiple of 32)
+    args = [np.zeros(n, f32), np.ones(n, f32), *[np.ones(n, f32) for _ in rule.state],
+            np.array([0, n], np.int64), np.ones((1, rule.ncols + 1), f32)]
+    kernel(*args, np.uint64(1), 5)
+    return "\n".join(kernel.inspect_asm().values())
+
+
+def test_noise_kernel_prefetches_and_uses_wide_vectors_where_the_cpu_has_them():
+    """The noise loop prefetches its streams and, on an AVX-512 CPU, runs on 512-bit registers
+    (``kernels._llvm``); the plain kernels keep LLVM's default width."""
+    import llvmlite.binding as llvm
+
+    rule = next(r for r in all_variants() if r.name == "adam")
+    asm = _noise_kernel_asm(rule)
+    assert re.search(r"prefetcht0\s", asm), "no software prefetch in the noise kernel"
+    assert re.search(r"vsqrtps\s+[^\n]*%[yz]mm", asm), "the noise loop is not vectorized"
+    if "+avx512f" in llvm.get_host_cpu_features().flatten().split(","):
+        assert re.search(r"vfmadd\w*ps\s+[^\n]*%zmm", asm), "no 512-bit FMA in the noise kernel"
+
+
+def test_prefetch_past_the_end_of_an_array_is_harmless():
+    from numba import njit
+
+    from fastopt.kernels._llvm import prefetch
+
+    @njit
+    def touch(a, far):
+        prefetch(a, far)  # never faults, whatever the address
+        return a[0]
+
+    assert touch(np.arange(4.0), 1 << 40) == 0.0
+
+
 def test_parallel_kernel_does_no_float64_math():
     rule = next(r for r in all_variants() if r.name == "adam")
     ir = _ir(_compiled(rule, True, f32))

@@ -32,11 +32,12 @@ def reference_normals(seed, step, start, n):
     out = np.empty(n)
     for k in range(n):
         j = start + k
-        h = mix((key + ((j >> 1) + 1) * 0x9E3779B97F4A7C15) & MASK)
+        i = 16 * (j // 32) + j % 16  # elements 32b + k and 32b + 16 + k share hash 16b + k
+        h = mix((key + (i + 1) * 0x9E3779B97F4A7C15) & MASK)
         u = ((h >> 32) + 1) / 2.0**32
         theta = 2 * math.pi * (h & 0xFFFFFFFF) / 2.0**32
         r = math.sqrt(-2 * math.log(u))
-        out[k] = r * (math.sin(theta) if j & 1 else math.cos(theta))
+        out[k] = r * (math.sin(theta) if j % 32 >= 16 else math.cos(theta))
     return out
 
 
