@@ -139,16 +139,22 @@ def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):
             last = np.uint64(end)
             # noise blocks are BLOCK elements from a multiple of BLOCK in the stream: the whole
             # ones in [lo, end), and a cut one at each end where that end is not aligned
-            head = first - (offset + first) % BLOCK  # start of the block holding first
-            tail = last - (offset + last) % BLOCK  # start of the block holding last (if any)
-            whole_from = head if head == first else head + BLOCK
-            if tail > whole_from:
-                {fname}_blocks({streams}, whole_from, (tail - whole_from) // BLOCK,
+            lead = (BLOCK - (offset + first) % BLOCK) % BLOCK  # elements before the first boundary
+            whole_from = first + lead
+            nwhole = (last - whole_from) // BLOCK if whole_from <= last else np.uint64(0)
+            whole_to = whole_from + nwhole * BLOCK
+            if nwhole > 0:
+                {fname}_blocks({streams}, whole_from, nwhole,
                                noise_key + (((offset + whole_from) >> ONE) + ONE) * GOLDEN,
                                grad_scale, noise_std, {scalar_args})
             for cut in range(2):  # the same loop on a copy of a cut block: same code, same numbers
-                base = head if cut == 0 else tail
-                if last == first or (head == first if cut == 0 else (tail == last or (tail == head and head != first))):
+                if cut == 0:  # the block holding first, when first is not on a boundary
+                    present = lead > 0 and last > first
+                    base = whole_from - BLOCK  # may wrap below zero: unsigned arithmetic, fine
+                else:  # the block holding last - 1, when last is not on a boundary
+                    present = whole_from <= last and whole_to < last
+                    base = whole_to
+                if not present:
                     continue
                 for r in range(BLOCK):
                     q = base + np.uint64(r)

@@ -289,3 +289,31 @@ def test_zero_eta_is_no_noise():
 def test_bad_noise_options(kw, exc, match):
     with pytest.raises(exc, match=match):
         fo.Adam(np.zeros(3), **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n", [1, 5, 20, 33, 70, 200])
+@pytest.mark.parametrize("offset", [0, 3, 29, 1001])
+def test_noise_kernel_on_short_cut_and_empty_segments(dtype, n, offset):
+    """The CPU noise kernel over segments that start and end anywhere in a block of 32 (and one
+    that is empty): every element gets its own deviate, g + std * z_j, nothing outside moves."""
+    from fastopt.kernels import sgd as ksgd
+
+    rule = ksgd.plan({**ksgd.DEFAULTS, "lr": 0.5}, 1, {})[0]
+    bounds = np.array([0, n // 3, n // 3, n], np.int64)  # the middle segment is empty
+    table = np.zeros((3, rule.ncols + 1), dtype)
+    for s in range(3):
+        table[s, : rule.ncols] = [1.0] + list(ksgd.plan({**ksgd.DEFAULTS, "lr": 0.5}, 1, {})[1])
+        table[s, rule.ncols] = 0.1 * (s + 1)
+    rng = np.random.default_rng(n + offset)
+    p, g = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+    key = noise.stream_key(4, 2)
+    normal = noise.generator(dtype)[1]
+    with np.errstate(over="ignore"):  # the hash's uint64 wrap-around, run as plain Python
+        z = np.array([normal(key, np.uint64(offset + i)) for i in range(n)], np.float64)
+    std = np.repeat(0.1 * np.arange(1, 4), np.diff(bounds))
+    expected = p - 0.5 * (g.astype(np.float64) + std * z)
+    for parallel in (False, True):
+        q = p.copy()
+        _build.cpu_noise_kernel(rule, parallel, np.dtype(dtype))(q, g, bounds, table, key, offset)
+        np.testing.assert_allclose(q, expected, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
