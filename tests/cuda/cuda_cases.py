@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 import fastopt as fo
 
 # (optimizer class, options, steps)
@@ -52,3 +54,20 @@ def plans(case):
 
 def random_arrays(rng, shapes, dtype):
     return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+#: Device vs host tolerances: the same math, only FMA contraction and reduction order differ.
+TOL = {np.float32: {"rtol": 2e-5, "atol": 1e-6}, np.float64: {"rtol": 1e-12, "atol": 1e-14}}
+
+
+def compare_params_and_state(host_opt, dev_opt, host_params, dev_params, dtype, when):
+    """The device optimizer's params and every state entry equal the host optimizer's."""
+    for i, (h, d) in enumerate(zip(host_params, dev_params)):
+        np.testing.assert_allclose(d.copy_to_host(), h, **TOL[dtype], err_msg=f"param {i} {when}")
+    for i, (hs, ds) in enumerate(zip(host_opt.state, dev_opt.state)):
+        assert set(hs) == set(ds)
+        for k, v in hs.items():
+            if isinstance(v, np.ndarray):
+                np.testing.assert_allclose(ds[k].copy_to_host(), v, **TOL[dtype], err_msg=f"{k} {i} {when}")
+            else:
+                assert ds[k] == v, (k, when)

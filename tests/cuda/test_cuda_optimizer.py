@@ -10,24 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cuda_cases import CASES, case_id, random_arrays
+from cuda_cases import CASES, case_id, compare_params_and_state, random_arrays
 
 import fastopt as fo
 
 SHAPES = [(37,), (20, 15)]  # 37 and 300 elements
-TOL = {np.float32: {"rtol": 2e-5, "atol": 1e-6}, np.float64: {"rtol": 1e-12, "atol": 1e-14}}
-
-
-def _compare(host_opt, dev_opt, host_params, dev_params, dtype, when):
-    for i, (h, d) in enumerate(zip(host_params, dev_params)):
-        np.testing.assert_allclose(d.copy_to_host(), h, **TOL[dtype], err_msg=f"param {i} {when}")
-    for i, (hs, ds) in enumerate(zip(host_opt.state, dev_opt.state)):
-        assert set(hs) == set(ds)
-        for k, v in hs.items():
-            if isinstance(v, np.ndarray):
-                np.testing.assert_allclose(ds[k].copy_to_host(), v, **TOL[dtype], err_msg=f"{k} {i} {when}")
-            else:
-                assert ds[k] == v, (k, when)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
@@ -42,7 +29,7 @@ def test_gpu_matches_cpu(cuda, case, dtype):
         grads = random_arrays(rng, SHAPES, dtype)
         host_opt.step(grads)
         dev_opt.step([cuda.to_device(g) for g in grads])
-        _compare(host_opt, dev_opt, host_params, dev_params, dtype, f"after step {t + 1}")
+        compare_params_and_state(host_opt, dev_opt, host_params, dev_params, dtype, f"after step {t + 1}")
 
 
 def test_groups_single_array_and_skipped_grads(cuda):
@@ -59,7 +46,7 @@ def test_groups_single_array_and_skipped_grads(cuda):
         gw, gb = random_arrays(rng, SHAPES, np.float32)
         host_opt.step([[gw], [None if t == 1 else gb]])
         dev_opt.step([[cuda.to_device(gw)], [None if t == 1 else cuda.to_device(gb)]])
-    _compare(host_opt, dev_opt, [w, b], [dw, db], np.float32, "after 3 steps")
+    compare_params_and_state(host_opt, dev_opt, [w, b], [dw, db], np.float32, "after 3 steps")
 
     single = cuda.to_device(w.copy())
     opt = fo.SGD(single, lr=0.5)
@@ -100,7 +87,7 @@ def test_state_dict_round_trip(cuda, dtype):
     dev_opt.load_state_dict(sd)
     for h, d in zip(host_params, dev_params):
         d.copy_to_device(h)
-    _compare(host_opt, dev_opt, host_params, dev_params, dtype, "after loading")
+    compare_params_and_state(host_opt, dev_opt, host_params, dev_params, dtype, "after loading")
     out = dev_opt.state_dict()
     for i in (0, 1):
         for k, v in out["state"][i].items():
@@ -110,7 +97,7 @@ def test_state_dict_round_trip(cuda, dtype):
     grads = random_arrays(rng, SHAPES, dtype)
     host_opt.step(grads)
     dev_opt.step([cuda.to_device(g) for g in grads])
-    _compare(host_opt, dev_opt, host_params, dev_params, dtype, "a step after loading")
+    compare_params_and_state(host_opt, dev_opt, host_params, dev_params, dtype, "a step after loading")
 
 
 def test_option_switched_on_later_allocates_on_device(cuda):
@@ -125,4 +112,4 @@ def test_option_switched_on_later_allocates_on_device(cuda):
         grads = random_arrays(rng, SHAPES, np.float32)
         host_opt.step(grads)
         dev_opt.step([cuda.to_device(g) for g in grads])
-    _compare(host_opt, dev_opt, host_params, dev_params, np.float32, "after 3 steps")
+    compare_params_and_state(host_opt, dev_opt, host_params, dev_params, np.float32, "after 3 steps")

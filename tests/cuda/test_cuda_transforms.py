@@ -21,7 +21,7 @@ import warnings
 
 import numpy as np
 import pytest
-from cuda_cases import random_arrays
+from cuda_cases import TOL, compare_params_and_state, random_arrays
 
 import fastopt as fo
 from fastopt.kernels import _build, _config, noise, reduce
@@ -30,7 +30,6 @@ from fastopt.kernels import cuda as kcuda
 from fastopt.kernels import sgd as ksgd
 
 SHAPES = [(37,), (20, 15)]  # 37 and 300 elements
-TOL = {np.float32: {"rtol": 2e-5, "atol": 1e-6}, np.float64: {"rtol": 1e-12, "atol": 1e-14}}
 DTYPES = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 
 
@@ -124,15 +123,7 @@ TRANSFORMS = [
 
 
 def _compare(host_opt, dev_opt, host_params, dev_params, dtype, when):
-    for i, (h, d) in enumerate(zip(host_params, dev_params)):
-        np.testing.assert_allclose(d.copy_to_host(), h, **TOL[dtype], err_msg=f"param {i} {when}")
-    for i, (hs, ds) in enumerate(zip(host_opt.state, dev_opt.state)):
-        assert set(hs) == set(ds)
-        for k, v in hs.items():
-            if isinstance(v, np.ndarray):
-                np.testing.assert_allclose(ds[k].copy_to_host(), v, **TOL[dtype], err_msg=f"{k} {i} {when}")
-            else:
-                assert ds[k] == v, (k, when)
+    compare_params_and_state(host_opt, dev_opt, host_params, dev_params, dtype, when)
     assert dev_opt.step_count == host_opt.step_count
     assert dev_opt.skipped_steps == host_opt.skipped_steps
     assert dev_opt.last_step_skipped == host_opt.last_step_skipped
