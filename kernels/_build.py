@@ -145,7 +145,7 @@ def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):
             whole_to = whole_from + nwhole * BLOCK
             if nwhole > 0:
                 {fname}_blocks({streams}, whole_from, nwhole,
-                               noise_key + (((offset + whole_from) >> ONE) + ONE) * GOLDEN,
+                               hash_counter(noise_key, (offset + whole_from) >> ONE),
                                grad_scale, noise_std, {scalar_args})
             for cut in range(2):  # the same loop on a copy of a cut block: same code, same numbers
                 if cut == 0:  # the block holding first, when first is not on a boundary
@@ -161,7 +161,7 @@ def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):
                     inside = q - first < last - first
 {copy_in}
                 {fname}_blocks({scratch_rows}, np.uint64(0), np.uint64(1),
-                               noise_key + (((offset + base) >> ONE) + ONE) * GOLDEN,
+                               hash_counter(noise_key, (offset + base) >> ONE),
                                grad_scale, noise_std, {scalar_args})
                 for r in range(BLOCK):
                     q = base + np.uint64(r)
@@ -194,21 +194,24 @@ def render(rule: Rule, template: str, fname: str, indent: int = 12) -> str:
     )
     streams = ("param", "grad") + rule.state
     written = ("param",) + rule.state
+
+    def items(names, index, suffix=""):  # "a[i], b[i], "
+        return "".join(f"{name}{suffix}[{index}], " for name in names)
+
     return template.format(
         fname=fname,
         chunk=_config.CHUNK,
         state_args="".join(f"{s}, " for s in rule.state),
         unpack=unpack,
-        outputs="".join(f"{name}[i], " for name in ("param",) + rule.state).rstrip(" "),
-        state_loads="".join(f"{s}[i], " for s in rule.state),
-        # the noise template: element i and j of the streams chosen per block (suffix _)
-        outputs_i="".join(f"{name}_[i], " for name in written).rstrip(" "),
-        state_loads_i="".join(f"{s}_[i], " for s in rule.state),
-        outputs_j="".join(f"{name}_[j], " for name in written).rstrip(" "),
-        state_loads_j="".join(f"{s}_[j], " for s in rule.state),
+        outputs=items(written, "i").rstrip(" "),
+        state_loads=items(rule.state, "i"),
+        # the noise template: elements i and j of the arrays its block function gets (suffix _)
+        outputs_i=items(written, "i", "_").rstrip(" "),
+        state_loads_i=items(rule.state, "i", "_"),
+        outputs_j=items(written, "j", "_").rstrip(" "),
+        state_loads_j=items(rule.state, "j", "_"),
         nstreams=len(streams),
         state_args_="".join(f"{s}_, " for s in rule.state),
-        stream_vars=", ".join(f"{name}_" for name in streams),
         streams=", ".join(streams),
         scratch_rows=", ".join(f"scratch[{k}]" for k in range(len(streams))),
         prefetch="\n".join(f"            prefetch({name}_, ahead + line)" for name in streams),
@@ -261,7 +264,7 @@ def build_cpu_noise_kernel(rule: Rule, parallel: bool, dtype: np.dtype, cache: b
             generator_source += f.read().decode()
     pair_at = noise.generator(dtype)[3]
     namespace = {
-        "pair_at": pair_at, "NOISE_COL": rule.ncols,
+        "pair_at": pair_at, "hash_counter": noise.hash_counter, "NOISE_COL": rule.ncols,
         "prefer_wide_vectors": _llvm.prefer_wide_vectors, "prefetch": _llvm.prefetch,
         "BLOCK": np.uint64(noise.BLOCK), "HALF_BLOCK": np.uint64(noise.HALF_BLOCK), "ONE": np.uint64(1),
         "GOLDEN": np.uint64(noise.GOLDEN), "LINE": np.uint64(max(1, 64 // dtype.itemsize)),

@@ -34,8 +34,8 @@ turn float32 math into float64), which is why :func:`generator` builds one set o
 per dtype.
 
 The noise kernels (``kernels._build``) draw a block's deviates inside the update loop, one
-hash per two elements, so the arithmetic overlaps the loop's memory traffic; :func:`fill` is
-the same loop writing the deviates out (tests, benchmarks).
+hash per two elements, so the arithmetic overlaps the loop's memory traffic; :func:`fill`
+writes the deviates out with the same block loop (tests, benchmarks).
 
 For the CUDA target: ``generator(dtype, split="compare")`` returns ``register_jitable``
 functions that use nothing but arithmetic, comparisons and integer casts, so a ``numba.cuda``
@@ -76,8 +76,6 @@ BLOCK = 32
 HALF_BLOCK = BLOCK // 2
 _BLOCK = np.uint64(BLOCK)
 _HALF_BLOCK = np.uint64(HALF_BLOCK)
-_S5 = np.uint64(5)
-_LOW4 = np.uint64(HALF_BLOCK - 1)
 
 
 @register_jitable
@@ -86,6 +84,13 @@ def mix64(z):
     z = (z ^ (z >> _S30)) * _MIX1
     z = (z ^ (z >> _S27)) * _MIX2
     return z ^ (z >> _S31)
+
+
+@register_jitable
+def hash_counter(key, i):
+    """The counter of hash number ``i``: ``key + (i + 1) * GOLDEN`` (mod 2**64); hash ``i + 1``'s
+    is this plus ``GOLDEN``."""
+    return key + (i + _U1) * _GOLDEN
 
 
 def mix64_host(z: int) -> int:
@@ -235,12 +240,12 @@ def generator(dtype, split: str = "bitcast") -> tuple:
 
     @register_jitable
     def pair(key, i):
-        return pair_at(key + (i + _U1) * _GOLDEN)
+        return pair_at(hash_counter(key, i))
 
     @register_jitable  # not inlined by Numba: its selects would be mis-scoped at several call sites
     def normal(key, j):
-        z0, z1 = pair(key, ((j >> _S5) * _HALF_BLOCK) + (j & _LOW4))
-        return z1 if (j & _HALF_BLOCK) != _U0 else z0
+        z0, z1 = pair(key, (j // _BLOCK) * _HALF_BLOCK + j % _HALF_BLOCK)
+        return z1 if j % _BLOCK >= _HALF_BLOCK else z0
 
     @register_jitable
     def fill(out, key, start):
@@ -251,7 +256,7 @@ def generator(dtype, split: str = "bitcast") -> tuple:
         nblocks = (n - head) // _BLOCK
         for b in range(nblocks):
             base = head + b * _BLOCK
-            counter = key + (((start + base) >> _U1) + _U1) * _GOLDEN  # hash (start + base) / 2
+            counter = hash_counter(key, (start + base) >> _U1)  # a block's first hash: its first element / 2
             for q in range(_HALF_BLOCK):
                 z0, z1 = pair_at_inline(counter)
                 out[base + q] = z0
