@@ -29,15 +29,16 @@ import math
 from . import _hyper as H
 from ._build import Rule
 
-SCALARS = ("step_size", "inv_bias_correction2_sqrt", "eps", "one_minus_beta1", "beta2",
+SCALARS = ("step_size", "inv_bias_correction2_sqrt", "eps", "one_minus_beta1", "beta1", "beta2",
            "one_minus_beta2", "l2", "decay")
 
 
-def adam_element(p, g, m, v, step_size, inv_bias_correction2_sqrt, eps, one_minus_beta1, beta2,
+def adam_element(p, g, m, v, step_size, inv_bias_correction2_sqrt, eps, one_minus_beta1, beta1, beta2,
                  one_minus_beta2, l2, decay):
     g = g + l2 * p
     p = p * decay
-    m = m + one_minus_beta1 * (g - m)
+    d = g - m  # torch's lerp: exact at both ends (m + w*d loses m's bits when w is near 1)
+    m = m + one_minus_beta1 * d if one_minus_beta1 < beta1 else g - d * beta1
     v = beta2 * v + one_minus_beta2 * g * g
     denom = math.sqrt(v) * inv_bias_correction2_sqrt + eps
     p = p - step_size * (m / denom)
@@ -45,10 +46,11 @@ def adam_element(p, g, m, v, step_size, inv_bias_correction2_sqrt, eps, one_minu
 
 
 def amsgrad_element(p, g, m, v, vmax, step_size, inv_bias_correction2_sqrt, eps, one_minus_beta1,
-                    beta2, one_minus_beta2, l2, decay):
+                    beta1, beta2, one_minus_beta2, l2, decay):
     g = g + l2 * p
     p = p * decay
-    m = m + one_minus_beta1 * (g - m)
+    d = g - m  # torch's lerp: exact at both ends (m + w*d loses m's bits when w is near 1)
+    m = m + one_minus_beta1 * d if one_minus_beta1 < beta1 else g - d * beta1
     v = beta2 * v + one_minus_beta2 * g * g
     vmax = vmax if (vmax > v or vmax != vmax) else v  # max that propagates NaN, like torch
     denom = math.sqrt(vmax) * inv_bias_correction2_sqrt + eps
@@ -82,6 +84,7 @@ def plan(hp: dict, step: int, host: dict):
         1.0 / math.sqrt(1.0 - beta2**step),
         hp["eps"],
         1.0 - beta1,
+        beta1,
         beta2,
         1.0 - beta2,
         0.0 if decoupled else wd,

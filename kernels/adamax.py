@@ -18,9 +18,10 @@ from . import _hyper as H
 from ._build import Rule
 
 
-def adamax_element(p, g, m, u, clr, l2, eps, one_minus_beta1, beta2):
+def adamax_element(p, g, m, u, clr, l2, eps, one_minus_beta1, beta1, beta2):
     g = g + l2 * p
-    m = m + one_minus_beta1 * (g - m)
+    d = g - m  # torch's lerp: exact at both ends (m + w*d loses m's bits when w is near 1)
+    m = m + one_minus_beta1 * d if one_minus_beta1 < beta1 else g - d * beta1
     decayed = beta2 * u
     bound = abs(g) + eps
     u = decayed if (decayed > bound or decayed != decayed) else bound  # NaN-propagating max
@@ -28,7 +29,7 @@ def adamax_element(p, g, m, u, clr, l2, eps, one_minus_beta1, beta2):
 
 
 ADAMAX = Rule("adamax", adamax_element, ("exp_avg", "exp_inf"),
-              ("clr", "l2", "eps", "one_minus_beta1", "beta2"))
+              ("clr", "l2", "eps", "one_minus_beta1", "beta1", "beta2"))
 RULES = (ADAMAX,)
 
 DEFAULTS = {"lr": 2e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "maximize": False}
@@ -43,4 +44,4 @@ def buffers(hp: dict) -> dict:
 def plan(hp: dict, step: int, host: dict):
     beta1, beta2 = hp["betas"]
     clr = hp["lr"] / (1.0 - beta1**step)
-    return ADAMAX, (clr, hp["weight_decay"], hp["eps"], 1.0 - beta1, beta2)
+    return ADAMAX, (clr, hp["weight_decay"], hp["eps"], 1.0 - beta1, beta1, beta2)

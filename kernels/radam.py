@@ -25,21 +25,23 @@ import math
 from . import _hyper as H
 from ._build import Rule
 
-SCALARS = ("l2", "decay", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size")
+SCALARS = ("l2", "decay", "one_minus_beta1", "beta1", "beta2", "one_minus_beta2", "step_size")
 
 
-def radam_momentum_element(p, g, m, v, l2, decay, one_minus_beta1, beta2, one_minus_beta2, step_size):
+def radam_momentum_element(p, g, m, v, l2, decay, one_minus_beta1, beta1, beta2, one_minus_beta2, step_size):
     g = g + l2 * p
     p = p * decay
-    m = m + one_minus_beta1 * (g - m)
+    d = g - m  # torch's lerp: exact at both ends (m + w*d loses m's bits when w is near 1)
+    m = m + one_minus_beta1 * d if one_minus_beta1 < beta1 else g - d * beta1
     v = beta2 * v + one_minus_beta2 * g * g
     return p - step_size * m, m, v
 
 
-def radam_adaptive_element(p, g, m, v, l2, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, eps):
+def radam_adaptive_element(p, g, m, v, l2, decay, one_minus_beta1, beta1, beta2, one_minus_beta2, step_size, eps):
     g = g + l2 * p
     p = p * decay
-    m = m + one_minus_beta1 * (g - m)
+    d = g - m  # torch's lerp: exact at both ends (m + w*d loses m's bits when w is near 1)
+    m = m + one_minus_beta1 * d if one_minus_beta1 < beta1 else g - d * beta1
     v = beta2 * v + one_minus_beta2 * g * g
     return p - step_size * (m / (math.sqrt(v) + eps)), m, v
 
@@ -66,7 +68,8 @@ def plan(hp: dict, step: int, host: dict):
     bias_correction1 = 1.0 - beta1**step
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
     rho_t = rho_inf - 2.0 * step * beta2**step / bias_correction2
-    scalars = (0.0 if decoupled else wd, 1.0 - lr * wd if decoupled else 1.0, 1.0 - beta1, beta2, 1.0 - beta2)
+    scalars = (0.0 if decoupled else wd, 1.0 - lr * wd if decoupled else 1.0, 1.0 - beta1, beta1, beta2,
+               1.0 - beta2)
     if rho_t <= 5.0:
         return MOMENTUM_PHASE, scalars + (lr / bias_correction1,)
     rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))

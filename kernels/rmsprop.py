@@ -39,7 +39,8 @@ def centered_element(p, g, square_avg, grad_avg, lr, l2, alpha, one_minus_alpha,
                      eps_outside):
     g = g + l2 * p
     square_avg = alpha * square_avg + one_minus_alpha * g * g
-    grad_avg = grad_avg + one_minus_alpha * (g - grad_avg)
+    d = g - grad_avg  # torch's lerp: exact at both ends
+    grad_avg = grad_avg + one_minus_alpha * d if one_minus_alpha < alpha else g - d * alpha
     avg = math.sqrt(square_avg - grad_avg * grad_avg + eps_inside) + eps_outside
     return p - lr * (g / avg), square_avg, grad_avg
 
@@ -57,7 +58,8 @@ def centered_momentum_element(p, g, square_avg, grad_avg, buf, lr, l2, alpha, on
                               eps_inside, eps_outside, momentum):
     g = g + l2 * p
     square_avg = alpha * square_avg + one_minus_alpha * g * g
-    grad_avg = grad_avg + one_minus_alpha * (g - grad_avg)
+    d = g - grad_avg  # torch's lerp: exact at both ends
+    grad_avg = grad_avg + one_minus_alpha * d if one_minus_alpha < alpha else g - d * alpha
     avg = math.sqrt(square_avg - grad_avg * grad_avg + eps_inside) + eps_outside
     buf = momentum * buf + g / avg
     return p - lr * buf, square_avg, grad_avg, buf

@@ -74,6 +74,12 @@ CASES = [
     _case("radam-wd", fo.RAdam, "RAdam", lr=0.01, weight_decay=0.05, betas=(0.9, 0.9)),
     _case("radam-decoupled-maximize", fo.RAdam, "RAdam", lr=0.01, weight_decay=0.05,
           decoupled_weight_decay=True, maximize=True),
+    # beta1 (alpha) below 0.5: torch's lerp switches to its other, end-anchored form there
+    _case("adam-low-beta1", fo.Adam, "Adam", lr=0.01, betas=(0.2, 0.999)),
+    _case("adamax-low-beta1", fo.Adamax, "Adamax", lr=0.01, betas=(0.3, 0.99)),
+    _case("nadam-low-beta1", fo.NAdam, "NAdam", lr=0.01, betas=(0.1, 0.999)),
+    _case("radam-low-beta1", fo.RAdam, "RAdam", lr=0.01, betas=(0.25, 0.9)),
+    _case("rmsprop-centered-low-alpha", fo.RMSprop, "RMSprop", lr=0.01, alpha=0.3, centered=True),
 ]
 
 TORCH_CASES = [c for c in CASES if c.torch_cls is not None]

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from registry import CASES
 
+import fastopt as fo
+
 STEPS = 30
 TOL = {np.float32: dict(rtol=2e-4, atol=2e-6), np.float64: dict(rtol=1e-9, atol=1e-12)}
 
@@ -63,3 +65,30 @@ def test_parallel_kernel_matches_serial(case, rng, monkeypatch):
     for k, v in ss.items():
         np.testing.assert_array_equal(sp[k], v)
     assert _build.cpu_kernel.cache_info().currsize >= 2
+
+
+# Rules whose first moment (or RMSprop's centered mean) is an exponential average, and a way to
+# make its weight on the new gradient exactly 1 (beta1 = 0 / alpha = 0).
+EXACT_AT_WEIGHT_ONE = [
+    (fo.Adam, {"betas": (0.0, 0.999)}, "exp_avg"),
+    (fo.Adam, {"betas": (0.0, 0.999), "amsgrad": True}, "exp_avg"),
+    (fo.Adamax, {"betas": (0.0, 0.999)}, "exp_avg"),
+    (fo.NAdam, {"betas": (0.0, 0.999)}, "exp_avg"),
+    (fo.RAdam, {"betas": (0.0, 0.999)}, "exp_avg"),
+    (fo.RMSprop, {"alpha": 0.0, "centered": True}, "grad_avg"),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cls, options, buffer", EXACT_AT_WEIGHT_ONE,
+                         ids=[f"{c.__name__}-{b}-{i}" for i, (c, _, b) in enumerate(EXACT_AT_WEIGHT_ONE)])
+def test_average_with_weight_one_is_the_gradient(cls, options, buffer, dtype, rng):
+    """m = beta m + (1 - beta) g with beta = 0 is g, bit for bit, even after a large m: the
+    update m + (1 - beta)(g - m) would lose g's low bits to m's magnitude (torch's lerp
+    switches to g - (g - m) beta for weights of 0.5 and up, and so does fastopt)."""
+    p = np.zeros(1000, dtype)
+    opt = cls(p, lr=1e-3, **options)
+    opt.step(np.full_like(p, 3.0))  # a large average first
+    g = (rng.standard_normal(p.size) * 1e-4).astype(dtype)
+    opt.step(g)
+    np.testing.assert_array_equal(opt.state[0][buffer], g)
