@@ -1,6 +1,8 @@
 """Property tests: random sizes (empty, one element, odd, around the serial/parallel switch)
 and random hyper-parameters, each step checked against the NumPy reference."""
 
+import os
+
 import naive
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -23,7 +25,9 @@ def adam_options(draw):
                 decoupled_weight_decay=draw(st.booleans()))
 
 
-settings.register_profile("fastopt", deadline=None, max_examples=25,
+# Random examples on a developer's machine (new cases every run); in CI the same examples every
+# run (derandomize), so a submission is judged by its code, not by the draw.
+settings.register_profile("fastopt", deadline=None, max_examples=25, derandomize=bool(os.environ.get("CI")),
                           suppress_health_check=[HealthCheck.function_scoped_fixture])
 settings.load_profile("fastopt")
 
