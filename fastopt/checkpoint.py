@@ -122,9 +122,14 @@ def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
     """``np.savez(path, **arrays)`` through a temporary file in the target's directory that is
     written, fsynced and renamed over the target, then the directory fsynced. A symbolic link at
     ``path`` is followed: its target is replaced, the link kept."""
+    _replace(*_write_temporary(path, arrays))
+
+
+def _write_temporary(path: str, arrays: dict[str, np.ndarray]) -> tuple[str, str]:
+    """Write and fsync ``arrays`` to a new temporary file beside ``path``'s target, with the
+    target's permissions (0o644 if there is none); return it and the target."""
     path = os.path.realpath(path)
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
@@ -135,12 +140,25 @@ def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
         except FileNotFoundError:
             mode = 0o644
         os.chmod(tmp, mode)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return tmp, path
+
+
+def _replace(tmp: str, path: str) -> None:
+    """Rename ``tmp`` over ``path`` and make the rename durable."""
+    try:
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
-    _fsync_directory(directory)
+    _fsync_directory(os.path.dirname(path))
+
+
+def _discard(tmp: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def _fsync_directory(directory: str) -> None:
@@ -324,8 +342,8 @@ def _is_count(value) -> bool:
     return type(value) is int and 0 <= value <= _MAX_STEP
 
 
-def _buffer_names(opt: Optimizer) -> set[str]:
-    """Every state buffer any of the optimizer's rules may keep."""
+def _buffer_names(opt: Optimizer | type[Optimizer]) -> set[str]:
+    """Every state buffer any of the optimizer's (or optimizer class's) rules may keep."""
     return {name for rule in opt.kernel.RULES for name in rule.state}
 
 
