@@ -50,7 +50,8 @@ CHECKPOINT_VERSION = 1
 
 
 class CheckpointError(ValueError):
-    """A file that is not a readable fastopt checkpoint (truncated, damaged or foreign)."""
+    """A file :func:`load` refuses: truncated, damaged, tampered, not a fastopt checkpoint, or a
+    checkpoint of another optimizer or model. Raised before anything is changed."""
 
 
 def _keys(opt: Optimizer) -> list[list]:
@@ -181,6 +182,8 @@ def _fsync_directory(directory: str) -> None:
 _NPY_HEADER_LIMIT = 10_000
 #: Most bytes one central-directory entry may take (46 fixed, then name, extra field, comment).
 _DIRECTORY_ENTRY_LIMIT = 46 + 2048
+#: Bytes read from a member at a time.
+_READ_CHUNK = 1 << 18
 _EOCD, _ZIP64_LOCATOR, _ZIP64_EOCD = b"PK\x05\x06", b"PK\x06\x07", b"PK\x06\x06"
 
 
@@ -320,10 +323,17 @@ class _Archive:
             if info.file_size != f.tell() + nbytes:
                 raise CheckpointError(f"{where} declares {info.file_size} bytes, not its header's "
                                       f"{f.tell()} plus {nbytes} of data")
-            data = f.read(nbytes)  # the last byte checks the member's CRC
-            if len(data) != nbytes or f.read(1):
-                raise CheckpointError(f"{where} is truncated")
-        array = np.frombuffer(data, file_dtype)
+            data = np.empty(nbytes, np.uint8)  # the size the optimizer needs, checked above
+            view, done = memoryview(data), 0
+            while done < nbytes:  # in chunks: no second copy of the data; the last read checks the CRC
+                chunk = f.read(min(_READ_CHUNK, nbytes - done))
+                if not chunk:
+                    raise CheckpointError(f"{where} is truncated")
+                view[done : done + len(chunk)] = chunk
+                done += len(chunk)
+            if f.read(1):
+                raise CheckpointError(f"{where} holds more than its header says")
+        array = data.view(file_dtype)
         array = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
         if file_dtype != dtype or not array.flags.c_contiguous:
             array = np.ascontiguousarray(array, dtype=dtype)
