@@ -348,6 +348,12 @@ def _tuples(value):
 _MAX_STEP = 2**63 - 1
 
 
+def _short(value) -> str:
+    """``repr(value)`` cut to 200 characters (values from a file go into messages)."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def _is_count(value) -> bool:
     return type(value) is int and 0 <= value <= _MAX_STEP
 
@@ -380,8 +386,8 @@ def _plan(opt: Optimizer, meta, archive: _Archive) -> tuple[dict, list]:
     if not isinstance(meta, dict) or type(meta.get("fastopt_checkpoint")) is not int:
         raise CheckpointError(f"{path} has no fastopt checkpoint version in its metadata")
     if meta["fastopt_checkpoint"] != CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} is fastopt checkpoint version {meta['fastopt_checkpoint']}; this fastopt "
-                              f"reads version {CHECKPOINT_VERSION}")
+        raise CheckpointError(f"{path} is fastopt checkpoint version {_short(meta['fastopt_checkpoint'])}; "
+                              f"this fastopt reads version {CHECKPOINT_VERSION}")
     fields = {"optimizer": str, "format": int, "step_count": int, "keys": list, "param_groups": list, "state": list}
     for field, kind in fields.items():
         if type(meta.get(field)) is not kind:
@@ -389,16 +395,17 @@ def _plan(opt: Optimizer, meta, archive: _Archive) -> tuple[dict, list]:
                                   f"{type(meta.get(field)).__name__}, not {kind.__name__}")
     name, keys, groups, entries = meta["optimizer"], meta["keys"], meta["param_groups"], meta["state"]
     if name != type(opt).__name__:
-        raise CheckpointError(f"{path} is a checkpoint of {name}, not {type(opt).__name__}")
+        raise CheckpointError(f"{path} is a checkpoint of {_short(name)}, not {type(opt).__name__}")
     ours = _keys(opt)
     if keys != ours:
-        raise CheckpointError(f"{path} holds parameters {keys} in its param groups; this optimizer has {ours}")
+        raise CheckpointError(f"{path} holds parameters {_short(keys)} in its param groups; this optimizer has "
+                              f"{_short(ours)}")
     slots = [slot for group in opt._group_slots for slot in group]
     if len(groups) != len(ours) or not all(type(g) is dict for g in groups) or len(entries) != len(slots):
         raise CheckpointError(f"{path} has metadata for {len(groups)} param groups and {len(entries)} parameters; "
                               f"this optimizer has {len(ours)} and {len(slots)}")
     if not _is_count(meta["step_count"]):
-        raise CheckpointError(f"{path}: step_count {meta['step_count']} is not in [0, 2**63)")
+        raise CheckpointError(f"{path}: step_count {_short(meta['step_count'])} is not in [0, 2**63)")
     known = _buffer_names(opt)
     members, state, params = {"meta"}, {}, []
     for i, (slot, entry) in enumerate(zip(slots, entries)):
@@ -407,10 +414,10 @@ def _plan(opt: Optimizer, meta, archive: _Archive) -> tuple[dict, list]:
             raise CheckpointError(f"{where} has malformed metadata (scalars and buffers)")
         scalars, buffers = entry["scalars"], entry["buffers"]
         if not all(type(v) in (bool, int, float) for v in scalars.values()) or not _is_count(scalars.get("step")):
-            raise CheckpointError(f"{where}: its scalars {scalars} are not numbers with a step in [0, 2**63)")
+            raise CheckpointError(f"{where}: its scalars {_short(scalars)} are not numbers with a step in [0, 2**63)")
         if not all(type(b) is str and b in known for b in buffers) or len(set(buffers)) != len(buffers) or (
                 set(buffers) & set(scalars)):
-            raise CheckpointError(f"{where} lists state buffers {buffers}; {type(opt).__name__} keeps at most "
+            raise CheckpointError(f"{where} lists state buffers {_short(buffers)}; {type(opt).__name__} keeps at most "
                                   f"{sorted(known)}, each once")
         members.add(f"param_{i}")
         members.update(f"state_{i}_{b}" for b in buffers)

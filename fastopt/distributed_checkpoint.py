@@ -32,6 +32,7 @@ from .checkpoint import (
     _jsonable,
     _meta_limit,
     _replace,
+    _short,
     _tuples,
     _write_temporary,
     _writeable,
@@ -152,19 +153,19 @@ def _check_meta(opt: ShardedOptimizer, meta, path: str, rank: int, world: int) -
             raise CheckpointError(f"{path} has malformed metadata: {field!r} is {type(meta.get(field)).__name__}, "
                                   f"not {kind.__name__}")
     if meta["rank"] != rank or meta["world_size"] != world:
-        raise CheckpointError(f"{path} says it is rank {meta['rank']} of {meta['world_size']}")
+        raise CheckpointError(f"{path} says it is rank {_short(meta['rank'])} of {_short(meta['world_size'])}")
     if meta["optimizer"] != opt.optimizer_cls.__name__:
-        raise CheckpointError(f"{path} holds a {meta['optimizer']} state, not {opt.optimizer_cls.__name__}")
+        raise CheckpointError(f"{path} holds a {_short(meta['optimizer'])} state, not {opt.optimizer_cls.__name__}")
     if (meta["names"] != list(layout.names) or meta["shapes"] != [list(s) for s in layout.shapes]
             or meta["dtype"] != str(layout.dtype) or meta["size"] != layout.size):
         raise CheckpointError(f"{path} is a checkpoint of another model (tensor names, shapes or dtype differ)")
     if meta["groups"] != [list(sel.names) for sel, _ in opt._groups]:
-        raise CheckpointError(f"{path} has param groups {meta['groups']}, this optimizer has "
+        raise CheckpointError(f"{path} has param groups {_short(meta['groups'])}, this optimizer has "
                               f"{[list(sel.names) for sel, _ in opt._groups]}")
     if not 0 <= meta["step_count"] <= _MAX_STEP:
-        raise CheckpointError(f"{path}: step_count {meta['step_count']} is not in [0, 2**63)")
+        raise CheckpointError(f"{path}: step_count {_short(meta['step_count'])} is not in [0, 2**63)")
     if not 0 <= meta["lo"] <= meta["hi"] <= layout.size:
-        raise CheckpointError(f"{path}: shard [{meta['lo']}, {meta['hi']}) is not within the buffer")
+        raise CheckpointError(f"{path}: shard [{_short(meta['lo'])}, {_short(meta['hi'])}) is not within the buffer")
     expected = _pieces(opt, meta["lo"], meta["hi"])
     known = _buffer_names(opt.optimizer_cls)
     seen = set()
@@ -173,19 +174,21 @@ def _check_meta(opt: ShardedOptimizer, meta, path: str, rank: int, world: int) -
         if not (type(name) is str and name in expected and name not in seen
                 and [piece.get("start"), piece.get("size")] == list(expected[name])
                 and type(piece.get("scalars")) is dict and type(piece.get("buffers")) is list):
-            raise CheckpointError(f"{path} has a malformed or unexpected state piece {str(piece)[:200]}")
+            raise CheckpointError(f"{path} has a malformed or unexpected state piece {_short(piece)}")
         seen.add(piece["name"])
         scalars, buffers = piece["scalars"], piece["buffers"]
         step = scalars.get("step")
         if not all(type(v) in (bool, int, float) for v in scalars.values()) or not (
                 type(step) is int and 0 <= step <= _MAX_STEP):
-            raise CheckpointError(f"{path}: piece {piece['name']!r} has scalars {scalars}, not numbers with a step")
+            raise CheckpointError(f"{path}: piece {piece['name']!r} has scalars {_short(scalars)}, "
+                                  "not numbers with a step")
         if not all(type(k) is str and k in known for k in buffers) or len(set(buffers)) != len(buffers) or (
                 set(buffers) & set(scalars)):
-            raise CheckpointError(f"{path}: piece {piece['name']!r} lists state buffers {buffers}; "
+            raise CheckpointError(f"{path}: piece {piece['name']!r} lists state buffers {_short(buffers)}; "
                                   f"{opt.optimizer_cls.__name__} keeps at most {sorted(known)}, each once")
     if seen != set(expected):
-        raise CheckpointError(f"{path} holds the state of pieces {sorted(seen)}, its shard has {sorted(expected)}")
+        raise CheckpointError(f"{path} holds the state of pieces {_short(sorted(seen))}, its shard has "
+                              f"{_short(sorted(expected))}")
     if not (all(type(g) is dict for g in meta["param_groups"])
             and len(meta["param_groups"]) == (len(opt._groups) if expected else 0)):
         raise CheckpointError(f"{path} has hyper-parameters for {len(meta['param_groups'])} param groups")
