@@ -75,6 +75,85 @@ def build(name, flat, sharded_cls=None, comm=None):
     return sharded_cls(cls, params, comm, **options)
 
 
+# -- damaged sharded checkpoints (each applied by rank 0 to a copy of a checkpoint's last file) --
+
+def _rewrite(path, meta_edit=None, members=None):
+    """Rewrite the shard file at ``path``: its metadata through ``meta_edit``, members replaced
+    or added from ``members`` (name -> bytes)."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        data = {n: z.read(n) for n in z.namelist()}
+    if meta_edit is not None:
+        import io
+
+        meta = json.loads(np.load(io.BytesIO(data["meta.npy"])).tobytes())
+        meta = meta_edit(meta)
+        f = io.BytesIO()
+        np.save(f, np.frombuffer(json.dumps(meta).encode(), np.uint8))
+        data["meta.npy"] = f.getvalue()
+    data.update(members or {})
+    with zipfile.ZipFile(path, "w") as z:
+        for n, d in data.items():
+            z.writestr(n, d)
+
+
+def _flip_params_byte(path):
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("params.npy")
+    raw = bytearray(open(path, "rb").read())
+    at = info.header_offset
+    name_len, extra_len = (int.from_bytes(raw[at + k : at + k + 2], "little") for k in (26, 28))
+    start = at + 30 + name_len + extra_len
+    raw[start + 130] ^= 0x10  # a byte of the first values, past the 128-byte .npy header
+    open(path, "wb").write(bytes(raw))
+
+
+def _huge_params(path):
+    import io
+
+    f = io.BytesIO()
+    np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (2**40,)})
+    _rewrite(path, members={"params.npy": f.getvalue() + b"\0" * 64})
+
+
+def _piece(edit):
+    def meta_edit(meta):
+        edit(meta["pieces"][0])
+        return meta
+    return meta_edit
+
+
+def _lone_file_of_a_huge_world(path):
+    """Only one file, named as rank 0 of 10**12."""
+    directory = os.path.dirname(path)
+    lone = os.path.join(directory, "shard-00000-of-1000000000000.npz")
+    os.replace(path, lone)
+    for name in os.listdir(directory):
+        if name != os.path.basename(lone):
+            os.unlink(os.path.join(directory, name))
+
+
+DAMAGES = {
+    "extra member": lambda p: _rewrite(p, members={"extra.npy": b"\x93NUMPY" + b"\0" * 200}),
+    "flipped data byte": _flip_params_byte,
+    "truncated": lambda p: os.truncate(p, os.path.getsize(p) // 2),
+    "huge declared params": _huge_params,
+    "shard bounds": lambda p: _rewrite(p, lambda m: {**m, "lo": m["lo"] + 16}),
+    "piece start": lambda p: _rewrite(p, _piece(lambda piece: piece.update(start=piece["start"] + 1))),
+    "unknown buffer": lambda p: _rewrite(p, _piece(lambda piece: piece["buffers"].append("bogus"))),
+    "piece not a dict": lambda p: _rewrite(p, lambda m: {**m, "pieces": [1] + m["pieces"][1:]}),
+    "meta not an object": lambda p: _rewrite(p, lambda m: [m]),
+    "huge lr": lambda p: _rewrite(p, lambda m: {**m, "param_groups": [{**g, "lr": 10**400}
+                                                                      for g in m["param_groups"]]}),
+    "step 2**70": lambda p: _rewrite(p, lambda m: {**m, "step_count": 2**70}),
+    "a huge world": _lone_file_of_a_huge_world,
+}
+
+
 def main(out: str, load_from: str | None = None) -> None:
     from mpi4py import MPI
 
@@ -173,6 +252,46 @@ def main(out: str, load_from: str | None = None) -> None:
         except (OSError, ValueError) as exc:
             result[f"{label}_load"] = comm.gather(f"{type(exc).__name__}: {exc}", root=0)
     result["bad_load_unchanged"] = bool(np.array_equal(before, flat.buffer))
+    # damaged sharded checkpoints: CheckpointError on every rank, nothing changed on any
+    import shutil
+
+    source = os.path.join(out, "ckpts", f"ckpt-{world}")
+    if rank == 0:
+        for label, damage in DAMAGES.items():
+            target = os.path.join(out, f"damaged-{world}", label)
+            shutil.copytree(source, target)
+            damage(os.path.join(target, f"shard-{world - 1:05d}-of-{world:05d}.npz"))
+    comm.Barrier()
+    result["damaged"] = {}
+    for label in DAMAGES:
+        try:
+            load_sharded(opt, os.path.join(out, f"damaged-{world}", label))
+            outcome = "loaded"
+        except Exception as exc:  # noqa: BLE001 - the test checks the type
+            outcome = f"{type(exc).__name__}: {exc}"
+        result["damaged"][label] = comm.gather(outcome, root=0)
+    state = opt.optimizer.state_dict()["state"] if opt.optimizer is not None else {}
+    result["damaged_unchanged"] = comm.gather(
+        bool(np.array_equal(before, flat.buffer)) and opt.step_count == 0
+        and all(e["step"] == 0 and all(not np.any(v) for v in e.values() if isinstance(v, np.ndarray))
+                for e in state.values()), root=0)
+    # a save that fails on one rank raises on every rank and leaves the previous checkpoint
+    kept = {n: open(os.path.join(source, n), "rb").read() for n in sorted(os.listdir(source))}
+    savez = np.savez
+    if rank == world - 1:
+        def failing(*args, **kwargs):
+            raise OSError("disk full")
+        np.savez = failing
+    try:
+        save_sharded(opt, source)
+        outcome = "saved"
+    except Exception as exc:  # noqa: BLE001 - the test checks the type
+        outcome = f"{type(exc).__name__}: {exc}"
+    np.savez = savez
+    result["failed_save"] = comm.gather(outcome, root=0)
+    comm.Barrier()
+    result["failed_save_kept"] = kept == {n: open(os.path.join(source, n), "rb").read()
+                                          for n in sorted(os.listdir(source))}
     oks = comm.gather(result["bad_load"] != "accepted", root=0)
     if rank == 0:
         result["bad_load_all_ranks"] = all(oks)

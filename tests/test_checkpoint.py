@@ -326,3 +326,406 @@ def test_saves_killed_at_random_times_always_leave_a_whole_checkpoint(tmp_path):
         if attempt >= 2 and killed_while_writing:
             break
     assert killed_while_writing, "no kill landed inside a save; the test exercised nothing"
+
+
+# -- untrusted input: every malformed file is a CheckpointError that changes nothing ---------
+
+def tiny(kind="adam"):
+    """Adam: two groups, two dtypes, amsgrad in one (8 members); SGD: one parameter with
+    momentum (3 members, 230 bytes of directory)."""
+    w = np.array([0.5, -1.5], np.float32)
+    if kind == "sgd":
+        return fo.SGD([w], lr=0.1, momentum=0.9), [w]
+    b = np.array([2.0, 0.25, -3.0])
+    opt = fo.Adam([{"params": [w]}, {"params": [b], "amsgrad": True, "lr": 0.05}], lr=0.01)
+    return opt, [w, b]
+
+
+def tiny_state(opt, params):
+    """Everything a load can change, copied."""
+    sd = opt.state_dict()
+    return ([p.copy() for p in params], sd["step_count"],
+            [{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in e.items()} for e in sd["state"].values()],
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+
+
+def assert_same(a, b):
+    params_a, steps_a, state_a, groups_a = a
+    params_b, steps_b, state_b, groups_b = b
+    assert steps_a == steps_b and groups_a == groups_b
+    for x, y in zip(params_a, params_b):
+        np.testing.assert_array_equal(x, y, strict=True)
+    assert [sorted(e) for e in state_a] == [sorted(e) for e in state_b]
+    for ea, eb in zip(state_a, state_b):
+        for k in ea:
+            if isinstance(ea[k], np.ndarray):
+                np.testing.assert_array_equal(ea[k], eb[k], strict=True)
+            else:
+                assert ea[k] == eb[k]
+
+
+@pytest.fixture
+def tiny_case(tmp_path):
+    return make_case(tmp_path, "adam")
+
+
+def make_case(tmp_path, kind):
+    """(saved checkpoint bytes, the state it holds, an optimizer in another state, its
+    parameters, a checkpoint of that other state)."""
+    rng = np.random.default_rng(5)
+    opt, params = tiny(kind)
+    for _ in range(2):
+        opt.step([rng.standard_normal(p.shape).astype(p.dtype) for p in params])
+    fo.save(opt, tmp_path / "good.npz")
+    saved = tiny_state(opt, params)
+    opt.step([rng.standard_normal(p.shape).astype(p.dtype) for p in params])
+    fo.save(opt, tmp_path / "later.npz")
+    return (tmp_path / "good.npz").read_bytes(), saved, opt, params, tmp_path / "later.npz"
+
+
+def try_load(opt, params, path, saved, later_path, counts):
+    """Load ``path``: it either restores exactly ``saved`` or raises CheckpointError and changes
+    nothing. ``counts`` tallies the outcomes."""
+    before = tiny_state(opt, params)
+    try:
+        fo.load(opt, path)
+    except CheckpointError:
+        counts["refused"] += 1
+        assert_same(tiny_state(opt, params), before)
+        return
+    counts["loaded"] += 1
+    assert_same(tiny_state(opt, params), saved)
+    fo.load(opt, later_path)  # back to the other state, so that the next case can see a change
+
+
+def test_every_bit_flip_in_the_directory_and_metadata_is_caught_or_harmless(tmp_path):
+    """Each flip either loads exactly the saved values (a date, a version, an attribute: fields
+    no CRC covers and that change nothing) or raises CheckpointError, changing nothing."""
+    good, saved, opt, params, later = make_case(tmp_path, "sgd")
+    with zipfile.ZipFile(tmp_path / "good.npz") as z:
+        infos = {i.filename: i for i in z.infolist()}
+        directory = z.start_dir
+    meta_start = infos["meta.npy"].header_offset
+    assert meta_start > max(i.header_offset for n, i in infos.items() if n != "meta.npy")  # written last
+    bits = list(range(8 * meta_start, 8 * len(good)))  # the metadata member, the directory, the end record
+    bits += random.Random(6).sample(range(8 * meta_start), 400)  # the arrays' members
+    counts = {"loaded": 0, "refused": 0}
+    bad = tmp_path / "bad.npz"
+    for bit in bits:
+        data = bytearray(good)
+        data[bit // 8] ^= 1 << (bit % 8)
+        bad.write_bytes(data)
+        try_load(opt, params, bad, saved, later, counts)
+    assert counts["refused"] > len(bits) / 2 and counts["loaded"] > 0, counts  # both outcomes were seen
+    assert 8 * (len(good) - directory) > 1500  # the directory was a real part of the sample
+
+
+def test_every_truncation_and_extension_is_refused(tiny_case, tmp_path):
+    good, saved, opt, params, later = tiny_case
+    counts = {"loaded": 0, "refused": 0}
+    bad = tmp_path / "bad.npz"
+    for k in range(len(good)):
+        bad.write_bytes(good[:k])
+        try_load(opt, params, bad, saved, later, counts)
+    assert counts == {"loaded": 0, "refused": len(good)}
+    for junk in (b"\0", b"PK\x05\x06" + b"\0" * 18, good[-100:]):  # appended bytes: an end record that lies
+        bad.write_bytes(good + junk)
+        try_load(opt, params, bad, saved, later, counts)
+
+
+def meta_of(data: bytes, tmp_path):
+    p = tmp_path / "meta-source.npz"
+    p.write_bytes(data)
+    with np.load(p, allow_pickle=False) as z:
+        return json.loads(z["meta"].tobytes()), {k: z[k] for k in z.files if k != "meta"}
+
+
+def mutations(node, path=()):
+    """(path, replacement) for every node of a JSON tree: other types, extremes, deletions."""
+    others = [None, True, -1, 0, 2**64, 10**400, 1e308, float("nan"), "x", [], {}, [1, 2], {"a": 1}]
+    if path:
+        for other in others:
+            yield path, other
+        yield path, "<delete>"
+    if isinstance(node, dict):
+        yield path + ("<new key>",), 1
+        for k, v in node.items():
+            yield from mutations(v, path + (k,))
+    elif isinstance(node, list):
+        yield path + (len(node),), 0  # one more element
+        for i, v in enumerate(node):
+            yield from mutations(v, path + (i,))
+
+
+def mutated(meta, path, value):
+    meta = json.loads(json.dumps(meta))
+    node = meta
+    for k in path[:-1]:
+        node = node[k]
+    last = path[-1]
+    if value == "<delete>":
+        del node[last]
+    elif last == "<new key>":
+        node["extra_key"] = value
+    elif isinstance(node, list) and last == len(node):
+        node.append(value)
+    else:
+        node[last] = value
+    return meta
+
+
+def test_tampered_metadata_is_refused_or_loaded_never_another_error(tiny_case, tmp_path):
+    """Metadata rewritten with a valid CRC: each field replaced by other types and extremes,
+    deleted, or given a sibling. Every load succeeds (with the file's arrays) or raises
+    CheckpointError, changing nothing."""
+    good, saved, _, _, _ = tiny_case
+    meta, arrays = meta_of(good, tmp_path)
+    bad = tmp_path / "bad.npz"
+    counts = {"loaded": 0, "refused": 0}
+    cases = list(mutations(meta))
+    assert len(cases) > 300
+    for path, value in cases:
+        text = json.dumps(mutated(meta, path, value)).encode()
+        np.savez(bad, **arrays, meta=np.frombuffer(text, np.uint8))
+        opt, params = tiny()
+        before = tiny_state(opt, params)
+        try:
+            fo.load(opt, bad)
+        except CheckpointError:
+            counts["refused"] += 1
+            assert_same(tiny_state(opt, params), before)
+        else:
+            counts["loaded"] += 1
+            for p, s in zip(params, saved[0]):
+                np.testing.assert_array_equal(p, s)
+    assert counts["refused"] > 0.8 * len(cases) and counts["loaded"] > 0, counts
+
+
+def npy(array=None, header=None, data=b"", version=(1, 0)) -> bytes:
+    """A .npy member: ``array`` saved by NumPy, or a hand-written ``header`` then ``data``."""
+    import io
+
+    f = io.BytesIO()
+    if array is not None:
+        np.lib.format.write_array(f, array, version=version, allow_pickle=True)
+    else:
+        getattr(np.lib.format, f"write_array_header_{version[0]}_0")(f, header)
+        f.write(data)
+    return f.getvalue()
+
+
+def write_zip(path, members: dict[str, bytes], compression=zipfile.ZIP_STORED):
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def members_of(data: bytes, tmp_path) -> dict[str, bytes]:
+    p = tmp_path / "members-source.npz"
+    p.write_bytes(data)
+    with zipfile.ZipFile(p) as z:
+        return {n: z.read(n) for n in z.namelist()}
+
+
+class SideEffect:
+    """Unpickling it creates a file: proof that a pickle was executed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_members_of_the_wrong_kind_are_refused_before_their_data_is_read(tiny_case, tmp_path):
+    good, saved, opt, params, later = tiny_case
+    members = members_of(good, tmp_path)
+    w = saved[0][0]
+    marker = tmp_path / "unpickled"
+    huge = {"descr": "<f4", "fortran_order": False}
+    bad_params = {
+        "pickled object array": npy(np.array([SideEffect(str(marker)), 1.0], dtype=object)),
+        "int32": npy(w.astype(np.int32)),
+        "float64": npy(w.astype(np.float64)),
+        "float16": npy(w.astype(np.float16)),
+        "complex64": npy(w.astype(np.complex64)),
+        "bool": npy(w > 0),
+        "structured": npy(np.zeros(2, [("a", "<f4")])),
+        "subarray": npy(np.zeros(1, ("<f4", (2,)))),
+        "other shape": npy(np.zeros((2, 1), np.float32)),
+        "0-d": npy(np.float32(1)),
+        "huge shape": npy(header={**huge, "shape": (2**40,)}, data=w.tobytes()),
+        "huger shape": npy(header={**huge, "shape": (10**30,)}, data=w.tobytes()),
+        "negative shape": npy(header={**huge, "shape": (-2,)}, data=w.tobytes()),
+        "header says 2, data 3": npy(header={**huge, "shape": (2,)}, data=w.tobytes() + b"\0" * 4),
+        "header says 2, data 1": npy(header={**huge, "shape": (2,)}, data=w.tobytes()[:4]),
+        "format 3.0": npy(w, version=(3, 0)),
+        "not .npy": b"\x93NUMPY" + b"\xff" * 60,
+        "empty": b"",
+    }
+    counts = {"loaded": 0, "refused": 0}
+    bad = tmp_path / "bad.npz"
+    for what, data in bad_params.items():
+        for compression in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            write_zip(bad, {**members, "param_0.npy": data}, compression)
+            try_load(opt, params, bad, saved, later, counts)
+            assert counts["loaded"] == 0, what
+    assert not marker.exists()
+    # lossless conversions: a big-endian array, a Fortran-order one, a version 2.0 header, deflated
+    for what, data in {"big-endian": npy(w.astype(">f4")), "version 2.0": npy(w, version=(2, 0))}.items():
+        write_zip(bad, {**members, "param_0.npy": data}, zipfile.ZIP_DEFLATED)
+        try_load(opt, params, bad, saved, later, counts)
+    assert counts["loaded"] == 2
+
+
+def test_fortran_order_and_byte_swapped_arrays_load_exactly(tmp_path):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((3, 4))
+    opt = fo.SGD([w], lr=0.1, momentum=0.9)
+    opt.step([rng.standard_normal(w.shape)])
+    fo.save(opt, tmp_path / "c.npz")
+    members = members_of((tmp_path / "c.npz").read_bytes(), tmp_path)
+    buf = opt.state[0]["momentum_buffer"].copy()
+    for variant in (np.asfortranarray, lambda a: a.astype(">f8"), lambda a: np.asfortranarray(a.astype(">f8"))):
+        write_zip(tmp_path / "v.npz", {**members, "param_0.npy": npy(variant(w)),
+                                       "state_0_momentum_buffer.npy": npy(variant(buf))})
+        w2 = np.zeros_like(w)
+        opt2 = fo.SGD([w2], lr=0.1, momentum=0.9)
+        fo.load(opt2, tmp_path / "v.npz")
+        np.testing.assert_array_equal(w2, w, strict=True)
+        np.testing.assert_array_equal(opt2.state[0]["momentum_buffer"], buf, strict=True)
+        assert w2.dtype == np.float64 and w2.dtype.isnative
+
+
+def test_unknown_encrypted_or_oddly_compressed_members_are_refused(tiny_case, tmp_path):
+    good, saved, opt, params, later = tiny_case
+    members = members_of(good, tmp_path)
+    counts = {"loaded": 0, "refused": 0}
+    bad = tmp_path / "bad.npz"
+    cases = [
+        {**members, "extra.npy": members["param_0.npy"]},
+        {**members, "notes.txt": b"hello"},
+        {k: v for k, v in members.items() if k != "state_1_max_exp_avg_sq.npy"},
+        {**{k: v for k, v in members.items() if k != "param_0.npy"}, "param_0": members["param_0.npy"]},
+    ]
+    for case in cases:
+        write_zip(bad, case)
+        try_load(opt, params, bad, saved, later, counts)
+    for method in (zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA):
+        write_zip(bad, members, method)
+        try_load(opt, params, bad, saved, later, counts)
+    write_zip(bad, members)
+    data = bytearray(bad.read_bytes())
+    with zipfile.ZipFile(bad) as z:
+        for info in z.infolist():  # set the "encrypted" flag in the directory
+            at = data.index(b"PK\x01\x02" + data[z.start_dir + 4 : z.start_dir + 8], z.start_dir)
+            break
+    data[at + 8] |= 1
+    bad.write_bytes(data)
+    try_load(opt, params, bad, saved, later, counts)
+    assert counts == {"loaded": 0, "refused": len(cases) + 3}
+
+
+def test_a_compression_bomb_is_refused_without_being_decompressed(tiny_case, tmp_path):
+    """A 64 MiB deflated member (zeros, 65 KB on disk) is refused, read or not, with little
+    memory: an extra member, or one the optimizer expects with a declared size that is too big."""
+    import tracemalloc
+
+    good, saved, opt, params, later = tiny_case
+    members = members_of(good, tmp_path)
+    header = npy(header={"descr": "<f4", "fortran_order": False, "shape": (2**24,)})
+    info = zipfile.ZipInfo("extra.npy")
+    info.compress_type = zipfile.ZIP_DEFLATED
+    bomb = tmp_path / "bomb.npz"
+    counts = {"loaded": 0, "refused": 0}
+    for name in ("extra.npy", "param_0.npy", "meta.npy"):
+        with zipfile.ZipFile(bomb, "w") as z:
+            for n, data in members.items():
+                if n != name:
+                    z.writestr(n, data)
+            info.filename = info.orig_filename = name
+            with z.open(info, "w", force_zip64=True) as f:
+                f.write(header)
+                zeros = b"\0" * (1 << 24)
+                for _ in range(4):
+                    f.write(zeros)
+        assert bomb.stat().st_size < 2_000_000
+        tracemalloc.start()
+        try:
+            try_load(opt, params, bomb, saved, later, counts)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 << 20, (name, peak)
+    assert counts == {"loaded": 0, "refused": 3}
+
+
+def test_a_huge_declared_directory_is_refused_before_it_is_parsed(tiny_case, tmp_path):
+    """An end record declaring a central directory far bigger than this optimizer's checkpoint
+    could have (zipfile would read and parse all of it) is refused first."""
+    good, saved, opt, params, later = tiny_case
+    members = members_of(good, tmp_path)
+    bad = tmp_path / "bad.npz"
+    with zipfile.ZipFile(bad, "w") as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+        for k in range(3000):  # 3000 empty members: 160 KB of directory
+            z.writestr(f"x{k}", b"")
+    counts = {"loaded": 0, "refused": 0}
+    try_load(opt, params, bad, saved, later, counts)
+    with pytest.raises(CheckpointError, match="zip directory"):
+        fo.load(opt, bad)
+    assert counts["refused"] == 1
+
+
+def test_load_checks_that_every_parameter_and_buffer_can_be_written_before_changing_anything(tmp_path):
+    """A parameter, the FlatParams buffer or a state buffer made read-only after construction:
+    load raises ValueError before the optimizer or any parameter changes."""
+    rng = np.random.default_rng(8)
+    cases = {"parameter": lambda opt, ps: ps[1], "list state buffer": lambda opt, ps: opt.state[1]["exp_avg"],
+             "flat buffer": lambda opt, flat: flat.buffer,
+             "flat state buffer": lambda opt, flat: opt._flat.buffers["exp_avg_sq"]}
+    for what, readonly in cases.items():
+        if what.startswith("flat"):
+            params = model()
+            opt = fo.Adam(params, lr=0.1)
+            g, values = grads(params, rng), lambda: [params.buffer.copy()]
+        else:
+            params = [rng.standard_normal(4), rng.standard_normal(3)]
+            opt = fo.Adam(params, lr=0.1)
+            g, values = [rng.standard_normal(p.shape) for p in params], lambda: [p.copy() for p in params]
+        opt.step(g)
+        fo.save(opt, tmp_path / "c.npz")
+        opt.step(g)
+        before, was = opt.state_dict(), values()
+        array = readonly(opt, params)
+        array.flags.writeable = False
+        with pytest.raises(ValueError, match="read-only"):
+            fo.load(opt, tmp_path / "c.npz")
+        after = opt.state_dict()
+        assert after["step_count"] == before["step_count"] == 2, what
+        for name, entry in before["state"].items():
+            for k, v in entry.items():
+                np.testing.assert_array_equal(after["state"][name][k], v, err_msg=what)
+        for now, then in zip(values(), was):
+            np.testing.assert_array_equal(now, then, err_msg=what)
+        array.flags.writeable = True
+        fo.load(opt, tmp_path / "c.npz")
+        assert opt.step_count == 1
+
+
+def test_save_through_a_symlink_replaces_its_target_atomically(tmp_path):
+    flat = model()
+    opt = make_opt(flat)
+    target_dir = tmp_path / "store"
+    target_dir.mkdir()
+    target = target_dir / "ckpt-1.npz"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o600)
+    link = tmp_path / "latest.npz"
+    link.symlink_to(target)
+    fo.save(opt, link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(target_dir)) == ["ckpt-1.npz"] and sorted(os.listdir(tmp_path)) == ["latest.npz", "store"]
+    fo.load(make_opt(model(seed=3)), target)

@@ -180,8 +180,28 @@ def test_missing_or_foreign_sharded_checkpoint_raises_on_every_rank(two, three, 
     assert len(result["missing_load"]) == world
     assert all(m.startswith("FileNotFoundError") for m in result["missing_load"])
     assert len(result["foreign_load"]) == world
-    assert all(m.startswith("ValueError") and "another model" in m for m in result["foreign_load"])
+    assert all(m.startswith("CheckpointError") and "another model" in m for m in result["foreign_load"])
     assert result["bad_load_unchanged"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_damaged_sharded_checkpoints_raise_checkpoint_error_on_every_rank(two, three, world):
+    """Files damaged as fo.load's tests damage one (extra member, a flipped byte, truncated,
+    a huge declared shape, tampered metadata, a file of a world of 10**12): CheckpointError on
+    every rank, and no rank's parameters or state changed."""
+    result = {2: two, 3: three}[world]
+    assert set(result["damaged"]) == set(W.DAMAGES)
+    for label, outcomes in result["damaged"].items():
+        assert len(outcomes) == world and all(o.startswith("CheckpointError") for o in outcomes), (label, outcomes)
+    assert result["damaged_unchanged"] == [True] * world
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_save_that_fails_on_one_rank_raises_everywhere_and_keeps_the_previous_checkpoint(two, three, world):
+    result = {2: two, 3: three}[world]
+    assert result["failed_save"][-1] == "OSError: disk full"
+    assert all(o.startswith("OSError") and "failed on rank(s)" in o for o in result["failed_save"][:-1])
+    assert result["failed_save_kept"]
 
 
 def test_ranks_that_own_no_tensor_take_part(three):
