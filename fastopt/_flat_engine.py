@@ -7,7 +7,7 @@ An optimizer whose ``params`` are a ``FlatParams``, a selection of one, or group
 - one *tensor row* per non-empty tensor: its group's scalars (``plan(hp, step, host)``),
   with column 0 the gradient scale (-1 for ``maximize``);
 - one *padding row* per gap that alignment leaves after a tensor (and one for a gap before the
-  first tensor, which hand-built and shard layouts may have): the scalars of the same
+  first tensor, which a hand-built layout may have): the scalars of the same
   rule variant planned with ``lr = 0``, ``weight_decay = 0`` and ``eps = 1``, and a gradient
   scale of 0. Every rule then maps padding to itself: the scaled gradient is 0, moments that
   start at 0 stay 0, every denominator is at least 1 (never 0/0, whatever ``eps`` the group
@@ -216,7 +216,7 @@ class FlatEngine:
         pad_row = np.full((n, 2), -1, dtype=np.int64)  # the padding after a tensor; before the first
         owner = []  # position of the tensor each row belongs to
         sizes = layout.sizes
-        if n and layout.offsets[0] > 0:  # a hand-built or shard layout may start with padding
+        if n and layout.offsets[0] > 0:  # a hand-built layout may start with padding
             pad_row[0, 1] = len(owner)
             owner.append(0)
             bounds.append(layout.offsets[0])

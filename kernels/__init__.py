@@ -162,8 +162,8 @@ def update(rule: str, param, grad, state: dict, *, step: int, grad_scale: float 
     _validation.check_no_overlap([param, grad] + [state[n] for n in selected.state],
                                  ["param", "grad"] + [f"state[{n!r}]" for n in selected.state])
     table = np.empty((1, selected.ncols), dtype=param.dtype)
-    table[0, 0] = -grad_scale if hp["maximize"] else grad_scale
     with np.errstate(over="ignore"):  # a scalar too large for float32 becomes inf: caught below
+        table[0, 0] = -grad_scale if hp["maximize"] else grad_scale
         table[0, 1:] = scalars
     if not np.isfinite(table).all():
         bad = [name for name, x in zip(("grad_scale",) + selected.scalars, table[0]) if not np.isfinite(x)]

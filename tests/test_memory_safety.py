@@ -51,8 +51,9 @@ HOSTILE = {
     "recarray": (lambda b: b.view(np.recarray), TypeError, "recarray, a NumPy array subclass"),
     "negative-strides": (lambda b: b[::-1], ValueError, "C-contiguous"),
     "int-view": (lambda b: b.view(np.int64 if b.dtype.itemsize == 8 else np.int32), TypeError, "dtype"),
+    "byte-swapped": (lambda b: b.view(b.dtype.newbyteorder()), TypeError, "dtype"),
 }
-SUBCLASSES = [k for k in HOSTILE if k not in ("negative-strides", "int-view")]
+SUBCLASSES = [k for k in HOSTILE if k not in ("negative-strides", "int-view", "byte-swapped")]
 
 
 class Guard:
@@ -279,7 +280,15 @@ ODD_ARRAYS = {  # valid arrays of unusual shapes and strides
     "zero-size-dim": lambda: np.ones((0, 3)),
     "size-one-negative-stride": lambda: (np.arange(3.0)[::-1] + 0.5)[:1],
     "two-d": lambda: np.linspace(0.1, 1.0, 12).reshape(3, 4),
+    "unaligned": lambda: _unaligned(np.linspace(0.1, 1.0, 12)),
 }
+
+
+def _unaligned(values):
+    a = np.zeros(values.nbytes + 1, np.uint8)[1:].view(values.dtype)
+    assert not a.flags.aligned
+    a[:] = values
+    return a
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 4)])
@@ -472,7 +481,7 @@ def test_padding_before_the_first_tensor_never_changes(case, extra):
         opt.step(g)
 
 
-@pytest.mark.parametrize("kind", SUBCLASSES + ["negative-strides", "int-view"])
+@pytest.mark.parametrize("kind", list(HOSTILE))
 def test_host_gradient_buffer_of_sharded_and_flat_optimizers_rejects_hostile_arrays(kind):
     from fastopt.flat import host_gradient_buffer
 
