@@ -28,10 +28,11 @@ def check_array_type(a: np.ndarray, where: str) -> None:
 
 def flat_view(a: np.ndarray, size: int) -> np.ndarray:
     """The flat view a kernel gets of the checked, C-contiguous array ``a``: a base-class 1-D
-    ``np.ndarray`` of exactly ``size`` elements over ``a``'s memory. Every host buffer handed
-    to a kernel is made here; anything else is a bug, raised rather than run."""
+    ``np.ndarray`` of exactly ``size`` elements over ``a``'s memory (C-contiguity, checked
+    before, makes ``reshape`` a view). Every host buffer handed to a kernel is made here; a
+    view of another type or length is a bug, raised rather than run."""
     v = (a if type(a) is np.ndarray else a.view(np.ndarray)).reshape(-1)
-    if type(v) is not np.ndarray or v.ndim != 1 or v.shape[0] != size or not v.flags.c_contiguous:
+    if type(v) is not np.ndarray or v.shape != (size,):
         raise TypeError(f"internal error: a kernel would get a {type(v).__name__} of shape {v.shape} "
                         f"for {size} elements")
     return v

@@ -69,6 +69,10 @@ def init_state(rule: str, param: np.ndarray, **hyper) -> dict:
     return state
 
 
+#: The largest finite value of each float dtype, as a Python float.
+_LARGEST = {t: float(np.finfo(t).max) for t in (np.float32, np.float64)}
+
+
 def _check_grad_scale(grad_scale) -> float:
     if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
         raise TypeError(f"grad_scale must be a real number, got {type(grad_scale).__name__} {grad_scale!r}")
@@ -161,14 +165,15 @@ def update(rule: str, param, grad, state: dict, *, step: int, grad_scale: float 
         buffers.append(_validation.flat_view(buf, param.size))
     _validation.check_no_overlap([param, grad] + [state[n] for n in selected.state],
                                  ["param", "grad"] + [f"state[{n!r}]" for n in selected.state])
-    table = np.empty((1, selected.ncols), dtype=param.dtype)
-    with np.errstate(over="ignore"):  # a scalar too large for float32 becomes inf: caught below
-        table[0, 0] = -grad_scale if hp["maximize"] else grad_scale
-        table[0, 1:] = scalars
-    if not np.isfinite(table).all():
-        bad = [name for name, x in zip(("grad_scale",) + selected.scalars, table[0]) if not np.isfinite(x)]
+    limit = _LARGEST[param.dtype.type]  # every scalar must be finite in the buffers' dtype
+    bad = [name for name, x in zip(("grad_scale",) + selected.scalars, (grad_scale,) + tuple(scalars))
+           if not abs(x) <= limit]
+    if bad:
         raise ValueError(f"{rule} step {step}: {', '.join(bad)} is not finite in {param.dtype} "
                          "(a hyper-parameter, grad_scale or host state out of range)")
+    table = np.empty((1, selected.ncols), dtype=param.dtype)
+    table[0, 0] = -grad_scale if hp["maximize"] else grad_scale
+    table[0, 1:] = scalars
     bounds = np.array([0, param.size], dtype=np.int64)
     _build.run_cpu(selected, _validation.flat_view(param, param.size), _validation.flat_view(grad, param.size),
                    buffers, bounds, table)
