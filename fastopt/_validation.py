@@ -28,14 +28,16 @@ def check_array_type(a: np.ndarray, where: str) -> None:
 
 def flat_view(a: np.ndarray, size: int) -> np.ndarray:
     """The flat view a kernel gets of the checked, C-contiguous array ``a``: a base-class 1-D
-    ``np.ndarray`` of exactly ``size`` elements over ``a``'s memory (C-contiguity, checked
-    before, makes ``reshape`` a view). Every host buffer handed to a kernel is made here; a
-    view of another type or length is a bug, raised rather than run."""
-    v = (a if type(a) is np.ndarray else a.view(np.ndarray)).reshape(-1)
-    if type(v) is not np.ndarray or v.shape != (size,):
-        raise TypeError(f"internal error: a kernel would get a {type(v).__name__} of shape {v.shape} "
-                        f"for {size} elements")
-    return v
+    ``np.ndarray`` of exactly ``size`` elements over ``a``'s memory. Every host buffer handed
+    to a kernel is made here. The result is one by construction: a subclass is first viewed
+    as ``np.ndarray`` (whose ``reshape`` keeps the base class; ``np.matrix``'s would stay 2-D),
+    and ``reshape(size)`` gives shape ``(size,)`` or raises (C-contiguity, checked before,
+    makes it a view, not a copy)."""
+    try:
+        return (a if type(a) is np.ndarray else a.view(np.ndarray)).reshape(size)
+    except ValueError:
+        raise TypeError(f"internal error: a kernel would get {a.size} elements of a "
+                        f"{type(a).__name__} of shape {a.shape} for {size}") from None
 
 
 def check_param(p, where: str) -> None:

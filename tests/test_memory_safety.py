@@ -575,5 +575,19 @@ def test_a_step_whose_scalars_overflow_raises_before_anything_changes(rule):
             assert np.all(np.isfinite(p)), (step, hyper)
 
 
+@pytest.mark.parametrize("kind", SUBCLASSES + ["plain"])
+@pytest.mark.parametrize("shape", [(), (0, 3), (1, 12), (12, 1), (3, 4)])
+def test_flat_view_is_a_base_class_1d_view_of_exactly_size_elements(kind, shape):
+    from fastopt._validation import flat_view
+
+    base = np.linspace(0.5, 1.5, math.prod(shape))
+    a = base.reshape(shape) if kind == "plain" else HOSTILE[kind][0](base).reshape(shape)
+    v = flat_view(a, a.size)
+    assert type(v) is np.ndarray and v.shape == (a.size,)
+    assert v.size == 0 or np.shares_memory(v, base)
+    with pytest.raises(TypeError, match="internal error"):
+        flat_view(a, a.size + 1)
+
+
 if __name__ == "__main__":
     _worker()
