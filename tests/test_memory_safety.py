@@ -589,5 +589,21 @@ def test_flat_view_is_a_base_class_1d_view_of_exactly_size_elements(kind, shape)
         flat_view(a, a.size + 1)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("align", [64, 128])
+def test_every_shard_layout_of_a_sharded_optimizer_is_valid(world, align):
+    """ShardedOptimizer builds one FlatLayout per rank (``_shard_layout``); the layout checks
+    accept every one (no MPI needed), and each starts with a tensor, not padding."""
+    from fastopt.distributed import _shard_layout, shard_bounds
+
+    layout = FlatLayout.build({"a": 3, "b": (5, 7), "e": 0, "c": 40, "d": (2, 2)})
+    for lo, hi in shard_bounds(layout.size, world, align // layout.dtype.itemsize):
+        shard, starts = _shard_layout(layout, lo, hi)
+        assert shard.size == hi - lo
+        assert not shard.names or shard.offsets[0] == 0
+        assert sum(shard.sizes) == sum(max(0, min(o + n, hi) - max(o, lo))
+                                       for o, n in zip(layout.offsets, layout.sizes))
+
+
 if __name__ == "__main__":
     _worker()
