@@ -62,11 +62,13 @@ class HostBackend:
 
     @staticmethod
     def flat(a: np.ndarray) -> np.ndarray:
-        return a.reshape(-1)
+        """The kernel's view of a checked parameter or a state buffer (base class, 1-D)."""
+        return _validation.flat_view(a, a.size)
 
     @staticmethod
     def full_like(a: np.ndarray, value: float) -> np.ndarray:
-        return np.full_like(a, value)
+        """A state buffer for parameter ``a``: always a base-class ``np.ndarray``."""
+        return np.full_like(a, value, subok=False)
 
     @staticmethod
     def launcher(rule: _build.Rule, n: int):
@@ -85,7 +87,7 @@ class HostBackend:
             raise TypeError(f"{_validation._name(where)} is a GPU array ({type(g).__name__}) but the parameters "
                             "are NumPy arrays on the host; pass the gradient as a NumPy array")
         _validation.check_grad(g, param, where)
-        return g.reshape(-1)
+        return _validation.flat_view(g, param.size)
 
     @staticmethod
     def run_noise(rule: _build.Rule, param, grad, states, bounds, table, key, offset) -> None:

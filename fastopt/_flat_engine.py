@@ -6,7 +6,8 @@ An optimizer whose ``params`` are a ``FlatParams``, a selection of one, or group
 
 - one *tensor row* per non-empty tensor: its group's scalars (``plan(hp, step, host)``),
   with column 0 the gradient scale (-1 for ``maximize``);
-- one *padding row* per gap that alignment leaves after a tensor: the scalars of the same
+- one *padding row* per gap that alignment leaves after a tensor (and one for a gap before the
+  first tensor, which a hand-built layout may have): the scalars of the same
   rule variant planned with ``lr = 0``, ``weight_decay = 0`` and ``eps = 1``, and a gradient
   scale of 0. Every rule then maps padding to itself: the scaled gradient is 0, moments that
   start at 0 stay 0, every denominator is at least 1 (never 0/0, whatever ``eps`` the group
@@ -108,7 +109,7 @@ class _Cohort:
         self.host = host
         positions = np.array([s.position for s in segments], dtype=np.int64)
         rows = real_row[positions] if len(positions) else positions
-        pads = pad_row[positions] if len(positions) else positions
+        pads = pad_row[positions].reshape(-1) if len(positions) else positions
         self.rows = rows[rows >= 0]
         self.pad_rows = pads[pads >= 0]
 
@@ -212,9 +213,13 @@ class FlatEngine:
         n = len(layout.names)
         bounds = [0]
         real_row = np.full(n, -1, dtype=np.int64)
-        pad_row = np.full(n, -1, dtype=np.int64)
+        pad_row = np.full((n, 2), -1, dtype=np.int64)  # the padding after a tensor; before the first
         owner = []  # position of the tensor each row belongs to
         sizes = layout.sizes
+        if n and layout.offsets[0] > 0:  # a hand-built layout may start with padding
+            pad_row[0, 1] = len(owner)
+            owner.append(0)
+            bounds.append(layout.offsets[0])
         for i, (start, size) in enumerate(zip(layout.offsets, sizes)):
             stop = layout.offsets[i + 1] if i + 1 < n else layout.size
             if size:
@@ -222,7 +227,7 @@ class FlatEngine:
                 owner.append(i)
                 bounds.append(start + size)
             if stop > start + size:
-                pad_row[i] = len(owner)
+                pad_row[i, 0] = len(owner)
                 owner.append(i)
                 bounds.append(stop)
         self.bounds = np.array(bounds, dtype=np.int64)
@@ -239,10 +244,13 @@ class FlatEngine:
         for i in covered:
             start, size = layout.offsets[i], sizes[i]
             stop = layout.offsets[i + 1] if i + 1 < n else layout.size
-            if ranges and ranges[-1][1] == start:
+            lead = 0 if i == 0 else start  # the leading padding is the first tensor's
+            if ranges and ranges[-1][1] == lead:
                 ranges[-1][1] = stop
             else:
-                ranges.append([start, stop])
+                ranges.append([lead, stop])
+            if start > lead:
+                pads.append(np.arange(lead, start, dtype=np.int64))
             if stop > start + size:
                 pads.append(np.arange(start + size, stop, dtype=np.int64))
         self._covered = [(lo, hi) for lo, hi in ranges]

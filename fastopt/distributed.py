@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from ._validation import check_array_type
 from .flat import FlatLayout, FlatParams, FlatSelection, aligned_zeros, host_gradient_buffer
 from .kernels import reduce
 from .optimizer import Optimizer
@@ -437,6 +438,7 @@ class ShardedOptimizer:
             piece = {}
             for k, v in entry.items():
                 if isinstance(v, np.ndarray) and v.ndim > 0:
+                    check_array_type(v, f"state_dict tensor {name!r}: {k}")  # a matrix stays 2-D
                     if v.shape != shape:
                         raise ValueError(f"state_dict tensor {name!r}: {k} has shape {v.shape}, "
                                          f"the tensor has shape {shape}")

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ._validation import check_array_type
+
 __all__ = ["EarlyStopping"]
 
 
@@ -33,7 +35,8 @@ class EarlyStopping:
     mode : ``"min"`` (a loss) or ``"max"`` (an accuracy)
     params : array or sequence of arrays, optional
         Arrays to snapshot at each improvement: one preallocated copy per array (with a
-        ``FlatParams``, pass its one buffer: one copy for the whole model).
+        ``FlatParams``, pass its one buffer: one copy for the whole model). ``np.ndarray``
+        or ``np.memmap`` (snapshots are plain arrays); other subclasses are a TypeError.
     restore_best : bool
         Copy the best snapshot back into ``params`` when :meth:`update` first returns ``True``.
 
@@ -71,11 +74,14 @@ class EarlyStopping:
             for i, p in enumerate(arrays):
                 if not isinstance(p, np.ndarray):
                     raise TypeError(f"params[{i}] must be a NumPy array, got {type(p).__name__}")
+                check_array_type(p, f"params[{i}]")
             self.params = arrays
         if restore_best and not self.params:
             raise ValueError("restore_best=True needs the params to snapshot")
         self.restore_best = bool(restore_best)
-        self._snapshot = [np.empty_like(p) for p in self.params]
+        if self.restore_best:
+            self._check_writeable()
+        self._snapshot = [np.empty_like(p, subok=False) for p in self.params]  # plain arrays
         self.reset()
 
     def reset(self) -> None:
@@ -126,8 +132,14 @@ class EarlyStopping:
             raise ValueError("EarlyStopping was built without params; there is nothing to restore")
         if self.best_index is None:
             raise RuntimeError("no evaluation has improved yet, so there is no best snapshot")
+        self._check_writeable()  # all or nothing: no array restored unless every one can be
         for dst, src in zip(self.params, self._snapshot):
             np.copyto(dst, src)
+
+    def _check_writeable(self) -> None:
+        for i, p in enumerate(self.params):
+            if not p.flags.writeable:
+                raise ValueError(f"params[{i}] is read-only; restoring the best parameters writes them in place")
 
     def __repr__(self) -> str:
         return (f"EarlyStopping(patience={self.patience}, min_delta={self.min_delta:g}, mode={self.mode!r}, "

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validation import FLOAT_DTYPES
+from ._validation import FLOAT_DTYPES, check_array_type, flat_view
 
 #: Default alignment of every tensor in a flat buffer, in bytes.
 DEFAULT_ALIGN = 64
@@ -47,6 +47,14 @@ def _shape(name: str, shape) -> tuple[int, ...]:
         if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0:
             raise ValueError(f"shape of {name!r} must hold integers >= 0, got {shape!r}")
     return tuple(int(d) for d in dims)
+
+
+def _index_value(what: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value}")
+    return int(value)
 
 
 def _check_dtype(dtype) -> np.dtype:
@@ -100,7 +108,8 @@ def _is_device(buffer) -> bool:
 
 @dataclass(frozen=True)
 class FlatLayout:
-    """Where each named tensor lives in a flat buffer. Immutable, shared by buffers alike.
+    """Where each named tensor lives in a flat buffer. Immutable, shared by buffers alike,
+    and checked when made (see ``__post_init__``), so a hand-built layout is as safe as a built one.
 
     Two buffers with equal layouts hold the same tensors at the same offsets: a gradient
     made by :meth:`FlatParams.zeros_like` has its parameters' layout.
@@ -131,7 +140,49 @@ class FlatLayout:
     _index: dict = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "_index", {name: i for i, name in enumerate(self.names)})
+        """Check and normalise a layout however it was made (:meth:`build`, or by hand, as
+        :meth:`FlatParams.from_layout` accepts): float dtype, power-of-two alignment, unique
+        non-empty names, one shape and one aligned offset per name, tensors in buffer order
+        without overlap, all inside ``size`` elements. TypeError or ValueError otherwise."""
+        dtype = _check_dtype(self.dtype)
+        align = _check_align(self.align, dtype)
+        fields = {}
+        for attr in ("names", "shapes", "offsets"):
+            value = getattr(self, attr)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                raise TypeError(f"FlatLayout {attr} must be a sequence, got {type(value).__name__}")
+            fields[attr] = tuple(value)
+        names, shapes, offsets = fields["names"], fields["shapes"], fields["offsets"]
+        if not len(names) == len(shapes) == len(offsets):
+            raise ValueError(f"FlatLayout has {len(names)} names, {len(shapes)} shapes and {len(offsets)} offsets; "
+                             "it needs one shape and one offset per name")
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"tensor names must be non-empty strings, got {name!r}")
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"duplicate tensor name(s): {', '.join(map(repr, dup))}")
+        shapes = tuple(_shape(name, shape) for name, shape in zip(names, shapes))
+        size = _index_value("FlatLayout size", self.size)
+        step = align // dtype.itemsize
+        end = 0  # where the previous tensor ends
+        checked = []
+        for name, shape, offset in zip(names, shapes, offsets):
+            offset = _index_value(f"offset of {name!r}", offset)
+            if offset % step:
+                raise ValueError(f"offset of {name!r} is {offset}, not a multiple of {step} elements "
+                                 f"({align}-byte alignment)")
+            if offset < end:
+                raise ValueError(f"tensor {name!r} at offset {offset} overlaps or precedes the one before it, "
+                                 f"which ends at {end}; offsets must be in buffer order without overlap")
+            end = offset + int(np.prod(shape, dtype=np.int64))
+            if end > size:
+                raise ValueError(f"tensor {name!r} ends at element {end}, past the buffer's size {size}")
+            checked.append(offset)
+        for attr, value in (("names", names), ("shapes", shapes), ("offsets", tuple(checked)), ("size", size),
+                            ("dtype", dtype), ("align", align)):
+            object.__setattr__(self, attr, value)
+        object.__setattr__(self, "_index", {name: i for i, name in enumerate(names)})
 
     @classmethod
     def build(cls, shapes: Mapping[str, ShapeLike] | Iterable[tuple[str, ShapeLike]], dtype=np.float32,
@@ -213,6 +264,7 @@ def host_gradient_buffer(grads, layout: FlatLayout, params: np.ndarray, where: s
                              "make gradients with flat.zeros_like()")
         g = grads.buffer
     elif isinstance(grads, np.ndarray):
+        check_array_type(grads, "the gradient buffer")
         if grads.dtype != layout.dtype:
             raise TypeError(f"gradient buffer has dtype {grads.dtype}; the parameters have dtype {layout.dtype}")
         if grads.shape != (layout.size,):
@@ -227,7 +279,7 @@ def host_gradient_buffer(grads, layout: FlatLayout, params: np.ndarray, where: s
     if np.may_share_memory(g, params):
         raise ValueError("the gradient shares memory with the parameters; pass a separate buffer "
                          "(flat.zeros_like())")
-    return g
+    return flat_view(g, layout.size)
 
 
 class FlatParams(Mapping):
@@ -297,9 +349,10 @@ class FlatParams(Mapping):
         layout : FlatLayout
             The layout, e.g. ``other.layout``.
         buffer : numpy.ndarray or GPU array, optional
-            A writable, C-contiguous 1-D array of ``layout.size`` elements of
-            ``layout.dtype``; the views share its memory. Default: a new zeroed, aligned
-            buffer. A GPU array (exposing ``__cuda_array_interface__``, or a Numba device
+            A writable, C-contiguous 1-D ``np.ndarray`` or ``np.memmap`` of ``layout.size``
+            elements of ``layout.dtype`` (other subclasses are a TypeError); the views share
+            its memory, and ``.buffer`` is a plain ``np.ndarray`` view of it. Default: a new
+            zeroed, aligned buffer. A GPU array (exposing ``__cuda_array_interface__``, or a Numba device
             array) gives a FlatParams on that GPU whose views are Numba device arrays.
         """
         if not isinstance(layout, FlatLayout):
@@ -310,13 +363,17 @@ class FlatParams(Mapping):
             from . import _flat_cuda
 
             buffer = _flat_cuda.as_device_buffer(buffer, layout.size, layout.dtype)
-        elif not isinstance(buffer, np.ndarray):
-            raise TypeError(f"buffer must be a NumPy array or a GPU array, got {type(buffer).__name__}")
-        elif buffer.shape != (layout.size,) or buffer.dtype != layout.dtype:
-            raise ValueError(f"buffer has shape {buffer.shape} and dtype {buffer.dtype}; "
-                             f"the layout needs shape ({layout.size},) and dtype {layout.dtype}")
-        elif not buffer.flags.c_contiguous or not buffer.flags.writeable:
-            raise ValueError("buffer must be C-contiguous and writable")
+        else:
+            if not isinstance(buffer, np.ndarray):
+                raise TypeError(f"buffer must be a NumPy array or a GPU array, got {type(buffer).__name__}")
+            check_array_type(buffer, "buffer")
+            if buffer.dtype != layout.dtype:
+                raise TypeError(f"buffer has dtype {buffer.dtype}; the layout needs dtype {layout.dtype}")
+            if buffer.shape != (layout.size,):
+                raise ValueError(f"buffer has shape {buffer.shape}; the layout needs shape ({layout.size},)")
+            if not buffer.flags.c_contiguous or not buffer.flags.writeable:
+                raise ValueError("buffer must be C-contiguous and writable")
+            buffer = flat_view(buffer, layout.size)  # an np.memmap: a plain view of its memory
         self = cls.__new__(cls)
         self._attach(layout, buffer)
         return self

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _validation
 from ._flat_engine import FlatEngine, is_flat
 from .kernels import _build
 from .kernels import _hyper as H
@@ -440,6 +440,7 @@ class Optimizer:
                 if not isinstance(v, np.ndarray):
                     raise TypeError(f"state_dict parameter {slot.index}: {k} must be a NumPy array, "
                                     f"got {type(v).__name__}")
+                _validation.check_array_type(v, f"state_dict parameter {slot.index}: {k}")
                 if v.shape != slot.shape:
                     raise ValueError(f"state_dict parameter {slot.index}: {k} has shape {v.shape}, "
                                      f"the parameter has shape {slot.shape}")

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from ._validation import check_array_type
 from .optimizer import STATE_FORMAT, Optimizer
 
 #: fastopt-only options, with the value that means what torch does.
@@ -134,6 +135,7 @@ def _array(torch, value, like: np.ndarray, where: str) -> np.ndarray:
         value = value.detach().cpu().numpy()
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{where} must be a tensor, got {type(value).__name__}")
+    check_array_type(value, where)  # a masked array's mask would be dropped silently
     if value.shape != like.shape:
         raise ValueError(f"{where} has shape {tuple(value.shape)}, the parameter has shape {like.shape}")
     if value.dtype.kind != "f":

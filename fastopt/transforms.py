@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ._validation import check_array_type
 from .kernels import _build, noise, reduce
 from .kernels import _hyper as H
 
@@ -51,6 +52,7 @@ def _as_arrays(grads) -> list[np.ndarray]:
     for i, g in enumerate(arrays):
         if not isinstance(g, np.ndarray):
             raise TypeError(f"gradient {i} must be a NumPy array, got {type(g).__name__}")
+        check_array_type(g, f"gradient {i}")
         if g.dtype not in (np.float32, np.float64):
             raise TypeError(f"gradient {i} has dtype {g.dtype}; expected float32 or float64")
     return arrays

@@ -20,6 +20,8 @@ carries rule scalars kept between steps (NAdam's ``mu_product``), created by
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import numpy as np
 
@@ -53,13 +55,64 @@ def _module(rule: str):
 
 
 def init_state(rule: str, param: np.ndarray, **hyper) -> dict:
-    """Fresh state for one parameter: the rule's buffers (same shape and dtype as ``param``)
-    and, under ``"host"``, its host scalars."""
+    """Fresh state for one parameter: the rule's buffers (plain ``np.ndarray`` of the shape and
+    dtype of ``param``, whatever its array type) and, under ``"host"``, its host scalars."""
     module = _module(rule)
     hp = {**module.DEFAULTS, **_build_hyper(module, hyper)}
-    state = {name: np.full_like(param, value) for name, value in module.buffers(hp).items()}
+    if not isinstance(param, np.ndarray):
+        raise TypeError(f"param must be a NumPy array (float32 or float64), got {type(param).__name__}")
+    _validation.check_array_type(param, "param")
+    if param.dtype not in _validation.FLOAT_DTYPES:
+        raise TypeError(f"param has dtype {param.dtype}; fastopt updates float32 and float64 arrays")
+    state = {name: np.full_like(param, value, subok=False) for name, value in module.buffers(hp).items()}
     state["host"] = getattr(module, "host_state", dict)()
     return state
+
+
+#: The largest finite value of each float dtype, as a Python float.
+_LARGEST = {t: float(np.finfo(t).max) for t in (np.float32, np.float64)}
+
+
+def _check_grad_scale(grad_scale) -> float:
+    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
+        raise TypeError(f"grad_scale must be a real number, got {type(grad_scale).__name__} {grad_scale!r}")
+    value = float(grad_scale)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"Invalid grad_scale value: {value} (must be a finite number >= 0; "
+                         "use maximize=True to ascend)")
+    return value
+
+
+def _check_host(module, host) -> dict:
+    """The host scalars of one step from ``state["host"]``: exactly the rule's entries (missing
+    ones take their initial values), each of its initial value's kind (a bool, or a finite
+    number), then the rule's own range checks (``check_host``)."""
+    initial = getattr(module, "host_state", dict)()
+    if host is None:
+        return initial
+    if not isinstance(host, dict):
+        raise TypeError(f"state['host'] must be a dict, got {type(host).__name__}")
+    unknown = sorted(map(repr, set(host) - set(initial)))
+    if unknown:
+        raise ValueError(f"state['host'] has unknown entries {', '.join(unknown)}; "
+                         f"this rule keeps {sorted(initial) or 'none'}")
+    checked = dict(initial)
+    for name, value in host.items():
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        if isinstance(initial[name], bool):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"state['host'][{name!r}] must be a bool, got {value!r}")
+            checked[name] = bool(value)
+        else:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
+                    or not math.isfinite(value):
+                raise ValueError(f"state['host'][{name!r}] must be a finite number, got {value!r}")
+            checked[name] = float(value)
+    check = getattr(module, "check_host", None)
+    if check is not None:
+        check(checked)
+    return checked
 
 
 def _build_hyper(module, hyper: dict) -> dict:
@@ -72,8 +125,15 @@ def update(rule: str, param, grad, state: dict, *, step: int, grad_scale: float 
     """Apply update number ``step`` of ``rule`` to ``param`` in place, one fused pass.
 
     ``state`` maps buffer names to arrays like ``param`` (see :func:`init_state`); they are
-    updated in place too. ``grad_scale`` multiplies the gradient inside the kernel (a clip
-    factor); ``maximize=True`` negates it. All arguments are checked before anything changes.
+    updated in place too. ``grad_scale`` (finite, >= 0) multiplies the gradient inside the
+    kernel (a clip factor); ``maximize=True`` negates it. ``state["host"]`` holds exactly the
+    rule's host scalars (:func:`init_state`), each finite and in range.
+
+    All arguments are checked before anything changes: ``param``, ``grad`` and the state
+    buffers must be ``np.ndarray`` or ``np.memmap`` (other subclasses, such as ``np.matrix``
+    or masked arrays, are a TypeError), of the parameter's float dtype and shape,
+    C-contiguous and not sharing memory; every per-step scalar must be finite in the
+    parameter's dtype. The kernel reads and writes exactly ``param.size`` elements of each.
     """
     module = _module(rule)
     hp = {**module.DEFAULTS, **_build_hyper(module, hyper)}
@@ -82,13 +142,17 @@ def update(rule: str, param, grad, state: dict, *, step: int, grad_scale: float 
         check(hp)
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
         raise ValueError(f"step must be an integer >= 1 (the number of this update), got {step!r}")
+    grad_scale = _check_grad_scale(grad_scale)
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict of buffers (see init_state), got {type(state).__name__}")
     _validation.check_param(param, "param")
     _validation.check_grad(grad, param, "grad")
-    host = state.get("host")
-    if host is None:
-        host = getattr(module, "host_state", dict)()
-    host = dict(host)
-    selected, scalars = module.plan(hp, int(step), host)
+    host = _check_host(module, state.get("host"))
+    try:
+        selected, scalars = module.plan(hp, int(step), host)
+    except (OverflowError, ZeroDivisionError) as exc:
+        raise ValueError(f"{rule} step {step} with these hyper-parameters and host state has no finite "
+                         f"update ({exc})") from None
     buffers = []
     for name in selected.state:
         if name not in state:
@@ -98,14 +162,21 @@ def update(rule: str, param, grad, state: dict, *, step: int, grad_scale: float 
         if buf.shape != param.shape or buf.dtype != param.dtype:
             raise ValueError(f"state[{name!r}] has shape {buf.shape} and dtype {buf.dtype}; "
                              f"param has shape {param.shape} and dtype {param.dtype}")
-        buffers.append(buf.reshape(-1))
+        buffers.append(_validation.flat_view(buf, param.size))
     _validation.check_no_overlap([param, grad] + [state[n] for n in selected.state],
                                  ["param", "grad"] + [f"state[{n!r}]" for n in selected.state])
+    limit = _LARGEST[param.dtype.type]  # every scalar must be finite in the buffers' dtype
+    bad = [name for name, x in zip(("grad_scale",) + selected.scalars, (grad_scale,) + tuple(scalars))
+           if not abs(x) <= limit]
+    if bad:
+        raise ValueError(f"{rule} step {step}: {', '.join(bad)} is not finite in {param.dtype} "
+                         "(a hyper-parameter, grad_scale or host state out of range)")
     table = np.empty((1, selected.ncols), dtype=param.dtype)
     table[0, 0] = -grad_scale if hp["maximize"] else grad_scale
     table[0, 1:] = scalars
     bounds = np.array([0, param.size], dtype=np.int64)
-    _build.run_cpu(selected, param.reshape(-1), grad.reshape(-1), buffers, bounds, table)
+    _build.run_cpu(selected, _validation.flat_view(param, param.size), _validation.flat_view(grad, param.size),
+                   buffers, bounds, table)
     if "host" in state:
         state["host"].update(host)
 

@@ -58,6 +58,13 @@ def host_state() -> dict:
     return {"mu_product": 1.0}
 
 
+def check_host(host: dict) -> None:
+    """``mu_product`` is a product of momentum factors in [0, 1), so it lies in [0, 1]; there
+    the plan's denominators ``1 - mu_product * mu`` are never 0."""
+    if not 0.0 <= host["mu_product"] <= 1.0:
+        raise ValueError(f"Invalid mu_product value: {host['mu_product']} (must be in [0, 1])")
+
+
 def plan(hp: dict, step: int, host: dict):
     lr, wd = hp["lr"], hp["weight_decay"]
     beta1, beta2 = hp["betas"]

@@ -93,8 +93,9 @@ def _kernel(parallel: bool):
 
 
 def sumsq(x: np.ndarray) -> tuple[float, bool]:
-    """Sum of squares (float64) and whether every element is finite, in one pass over ``x``."""
-    flat = x.reshape(-1)
+    """Sum of squares (float64) and whether every element is finite, in one pass over ``x``
+    (read through a base-class 1-D view: a subclass's reshape may keep two dimensions)."""
+    flat = (x if type(x) is np.ndarray else x.view(np.ndarray)).reshape(-1)
     return _kernel(flat.size >= _config.PARALLEL_MIN_WORK)(flat, _config.CHUNK)
 
 

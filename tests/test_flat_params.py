@@ -114,7 +114,7 @@ def test_from_layout_wraps_a_buffer_without_copying():
     assert np.all(buf[flat.layout.span("b")] == 3)
     with pytest.raises(ValueError, match="shape"):
         FlatParams.from_layout(flat.layout, np.zeros(flat.layout.size + 1, np.float32))
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):  # a wrong dtype is a TypeError, as everywhere
         FlatParams.from_layout(flat.layout, np.zeros(flat.layout.size, np.float64))
     with pytest.raises(TypeError, match="FlatLayout"):
         FlatParams.from_layout({"w": 2})
