@@ -50,8 +50,13 @@ Example, launched with ``mpiexec -n 2 python train.py``::
 
 from __future__ import annotations
 
+import hashlib
 import math
+import numbers
+import pickle
+import sys
 import time
+import traceback
 from typing import Any
 
 import numpy as np
@@ -61,7 +66,7 @@ from .kernels import reduce
 from .optimizer import Optimizer
 from .transforms import GradTransforms, clip_coefficient
 
-__all__ = ["ShardedOptimizer", "shard_bounds"]
+__all__ = ["ShardedOptimizer", "abort_on_exception", "agree", "shard_bounds"]
 
 
 def _mpi():
@@ -71,6 +76,149 @@ def _mpi():
         raise ImportError("fastopt.distributed needs mpi4py and an MPI library: pip install 'fastopt[mpi]' "
                           "(mpi4py with the mpich wheel), or mpi4py built against your system MPI") from exc
     return MPI
+
+
+# -- agreement: one rank's failure reaches every rank ---------------------------------------
+#: Reduced with MAX: a slot a rank does not take part in (no shard to update) holds this.
+_ABSENT = np.iinfo(np.int64).min
+_DIGEST_MASK = (1 << 62) - 1  # so that -digest never overflows
+
+
+def _canon(value):
+    """A value as the ranks compare it (by its ``repr``): numbers as Python floats, whose repr is
+    exact (1 and 1.0 alike), tuples and lists alike, a schedule as ``"<schedule>"`` (its values
+    are compared at each step), and any other object by its type (a repr holding an address
+    would differ on every rank)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Real):
+        try:
+            return float(value)
+        except (OverflowError, ValueError):
+            return repr(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_canon(v) for v in value)
+    if value is None or isinstance(value, str):
+        return value
+    if callable(value):
+        return "<schedule>"
+    return f"<{type(value).__qualname__}>"
+
+
+def _digest(description) -> int:
+    """A 62-bit digest of a description (nested tuples of canonical values: deterministic
+    across processes, unlike ``hash`` of a string)."""
+    raw = hashlib.blake2b(repr(description).encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "little") & _DIGEST_MASK
+
+
+def _portable(exc: BaseException) -> type:
+    """The exception class the other ranks will raise: ``type(exc)`` if it pickles and takes a
+    message, else RuntimeError."""
+    cls = type(exc)
+    try:
+        pickle.loads(pickle.dumps(cls))
+        cls("probe")
+    except Exception:  # noqa: BLE001 - any class the other ranks cannot rebuild
+        return RuntimeError
+    return cls
+
+
+def agree(comm, what: str, error: BaseException | None = None, descriptions=(), labels=None) -> None:
+    """Collective: every rank of ``comm`` learns whether any rank failed a check and whether the
+    ranks hold the same ``descriptions``; then every rank returns, or every rank raises.
+
+    ``error`` is this rank's failure (None if its checks passed). ``descriptions`` is a
+    sequence of dicts ``{name: canonical value}`` the ranks must agree on, or None where this
+    rank takes no part (a rank whose shard holds no tensor has no param groups). The common
+    path is one ``Allreduce`` (MAX) of ``1 + 2 * len(descriptions)`` int64: a failure flag,
+    and for each description its digest and its negation (equal maxima of both mean every
+    rank has the same digest). Only when something differs do the ranks ``allgather`` what
+    they need for the message.
+
+    Raises on every rank: the exception type of the lowest failing rank, with one message
+    naming the failing ranks, chained to the original on the rank that raised it and with
+    ``failed_ranks`` set; or, if no rank failed but descriptions differ, ``ValueError``
+    naming the ranks and the entries that differ from the lowest rank's.
+    """
+    from mpi4py import MPI
+
+    n = len(descriptions)
+    local = np.full(1 + 2 * n, _ABSENT, np.int64)
+    local[0] = 0 if error is None else 1
+    for i, d in enumerate(descriptions):
+        if d is not None:
+            h = _digest(tuple(sorted(d.items())))
+            local[1 + 2 * i], local[2 + 2 * i] = h, -h
+    total = np.empty_like(local)
+    comm.Allreduce(local, total, op=MPI.MAX)
+    if total[0] == 0 and all(total[1 + 2 * i] == -total[2 + 2 * i] or total[1 + 2 * i] == _ABSENT
+                             for i in range(n)):
+        return
+    world = comm.Get_size()
+    mine = None if error is None else (_portable(error), str(error))
+    infos = comm.allgather((mine, list(descriptions)))
+    failed = [r for r, (e, _) in enumerate(infos) if e is not None]
+    if failed:
+        cls, message = infos[failed[0]][0]
+        where = f"rank {failed[0]}" if len(failed) == 1 else f"ranks {failed}"
+        text = f"{what} failed on {where} of {world}: {message}"
+        if len(failed) > 1 and len({e[1] for e, _ in (infos[r] for r in failed)}) > 1:
+            text += f" (the message of rank {failed[0]})"
+        try:
+            new = cls(text)
+        except Exception:  # noqa: BLE001 - _portable checked it; a constructor may still refuse this text
+            new = RuntimeError(text)
+        new.failed_ranks = failed
+        raise new from error
+    problems, ranks = [], set()
+    for i in range(n):
+        present = [(r, d[i]) for r, (_, d) in enumerate(infos) if d[i] is not None]
+        if not present:
+            continue
+        r0, ref = present[0]
+        bad = [(r, d) for r, d in present if repr(sorted(d.items())) != repr(sorted(ref.items()))]
+        if not bad:
+            continue
+        ranks.update(r for r, _ in bad)
+        differing = sorted({k for _, d in bad for k in set(d) | set(ref) if repr(d.get(k)) != repr(ref.get(k))})
+        shown = [f"{k} = {bad[0][1].get(k)!r} on rank {bad[0][0]}, {ref.get(k)!r} on rank {r0}"
+                 for k in differing[:4]]
+        label = labels[i] if labels else "settings"
+        problems.append(f"ranks {[r for r, _ in bad]} differ from rank {r0} in their {label}: " + "; ".join(shown)
+                        + ("; ..." if len(differing) > 4 else ""))
+    exc = ValueError(f"{what}: " + " | ".join(problems))
+    exc.failed_ranks = sorted(ranks)
+    raise exc
+
+
+def abort_on_exception(comm=None, errorcode: int = 1):
+    """Make an uncaught exception on any rank end the whole MPI job.
+
+    Installs a :data:`sys.excepthook` that prints the traceback as usual, then calls
+    ``comm.Abort(errorcode)`` (``MPI.COMM_WORLD`` by default), which ends every rank of the
+    job. Without it, a rank that dies of an exception outside fastopt leaves the others
+    waiting in their next collective (MPICH's launcher ends the job only once the rank's
+    process exits, which mpi4py's ``MPI_Finalize`` at exit may prevent). Returns the hook
+    it replaced. ``python -m mpi4py train.py`` does the same for a whole script.
+    """
+    MPI = _mpi()
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(f"comm must be an mpi4py communicator, got {comm!r}")
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        try:
+            previous(exc_type, exc, tb)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            comm.Abort(errorcode)
+
+    sys.excepthook = hook
+    return previous
 
 
 def shard_bounds(size: int, world_size: int, align_elems: int) -> list[tuple[int, int]]:
@@ -153,17 +301,36 @@ class ShardedOptimizer:
     def __init__(self, optimizer_cls: type[Optimizer], params, comm, *, align: int | None = None,
                  clip_grad_norm: float | None = None, skip_nonfinite: bool = False, **options: Any):
         MPI = _mpi()
+        if not isinstance(comm, MPI.Comm) or comm.Is_inter():  # no communicator: nobody to tell
+            raise TypeError(f"comm must be an mpi4py intra-communicator (MPI.COMM_WORLD), got {comm!r}")
+        self.MPI = MPI
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.world_size = comm.Get_size()
+        # Every check runs on this rank first; the ranks then agree (one Allreduce) before the
+        # first data collective, so a failure on one rank raises on all of them.
+        error, model, settings = None, None, None
+        try:
+            model, settings = self._build(optimizer_cls, params, align, clip_grad_norm, skip_nonfinite, options)
+        except Exception as exc:  # noqa: BLE001 - reaches every rank through agree(), then raised
+            error = exc
+        agree(comm, "ShardedOptimizer()", error, [model, settings],
+              ["model, param groups, alignment or optimizer (tensor names, shapes, dtype and groups must "
+               "be the same on every rank)", "options"])
+        comm.Bcast(self.flat.buffer, root=0)
+
+    def _build(self, optimizer_cls, params, align, clip_grad_norm, skip_nonfinite, options):
+        """Check the arguments and build this rank's shard optimizer, with no communication.
+        Returns the descriptions the ranks must agree on: the model and the options."""
         if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
             raise TypeError(f"optimizer_cls must be a fastopt optimizer class (fo.Adam, ...), got {optimizer_cls!r}")
-        if not isinstance(comm, MPI.Comm) or comm.Is_inter():
-            raise TypeError(f"comm must be an mpi4py intra-communicator (MPI.COMM_WORLD), got {comm!r}")
         if options.get("grad_noise") is not None:
             raise NotImplementedError("grad_noise is not supported by ShardedOptimizer")
         options.pop("grad_noise", None)
         options.pop("seed", None)
         checked = GradTransforms(clip_grad_norm=clip_grad_norm, skip_nonfinite=skip_nonfinite, seed=0)
-        self.clip_grad_norm = checked.clip_grad_norm
-        self.skip_nonfinite = checked.skip_nonfinite
+        self._clip_grad_norm = checked.clip_grad_norm
+        self._skip_nonfinite = checked.skip_nonfinite
         flat, groups = self._parse(params)
         layout = flat.layout
         if align is None:
@@ -171,25 +338,16 @@ class ShardedOptimizer:
         if isinstance(align, bool) or not isinstance(align, int) or align < layout.align or align % layout.align:
             raise ValueError(f"align must be a multiple of the FlatParams' alignment ({layout.align} bytes), "
                              f"got {align!r}")
-        signature = (layout.names, layout.shapes, str(layout.dtype), layout.size, align,
-                     tuple(sel.names for sel, _ in groups), optimizer_cls.__name__)
-        signatures = comm.allgather(signature)
-        if any(sig != signatures[0] for sig in signatures):
-            bad = [r for r, sig in enumerate(signatures) if sig != signatures[0]]
-            raise ValueError(f"ranks {bad} pass another model, param groups, alignment or optimizer than rank 0 "
-                             "(tensor names, shapes, dtype and groups must be the same on every rank)")
-        comm.Bcast(flat.buffer, root=0)
-        self.MPI = MPI
-        self.comm = comm
-        self.rank = comm.Get_rank()
-        self.world_size = comm.Get_size()
+        model = {"names": layout.names, "shapes": layout.shapes, "dtype": str(layout.dtype), "size": layout.size,
+                 "align": align, "groups": tuple(sel.names for sel, _ in groups),
+                 "optimizer": optimizer_cls.__name__}
         self.flat = flat
         self.optimizer_cls = optimizer_cls
         self.align = align
         self.bounds = shard_bounds(layout.size, self.world_size, align // layout.dtype.itemsize)
         self._counts = np.array([hi - lo for lo, hi in self.bounds], dtype=np.int64)
         self._displs = np.array([lo for lo, _ in self.bounds], dtype=np.int64)
-        self._mpi_type = MPI.FLOAT if layout.dtype == np.float32 else MPI.DOUBLE
+        self._mpi_type = self.MPI.FLOAT if layout.dtype == np.float32 else self.MPI.DOUBLE
         lo, hi = self.bounds[self.rank]
         self.lo, self.hi = lo, hi
         shard_layout, self._piece_start = _shard_layout(layout, lo, hi)
@@ -206,8 +364,14 @@ class ShardedOptimizer:
                 inner.append({"params": FlatSelection(self.shard, names), **overrides})
             if any(len(g["params"]) for g in inner):
                 self.optimizer = optimizer_cls(inner, **options)
-        if self.optimizer is None:  # nothing to update here; still check the options as the others do
-            optimizer_cls(FlatParams({"probe": 1}, layout.dtype), **options)
+        built = self.optimizer
+        if built is None:  # nothing to update here; still check the options (and fill in the defaults)
+            probe = FlatParams({f"g{i}": 1 for i in range(len(groups))}, layout.dtype)
+            built = optimizer_cls([{"params": probe.select(f"g{i}"), **overrides}
+                                   for i, (_, overrides) in enumerate(groups)], **options)
+        settings = {"clip_grad_norm": _canon(self._clip_grad_norm), "skip_nonfinite": self._skip_nonfinite}
+        for gi, g in enumerate(built.param_groups):
+            settings.update({f"param group {gi} {k}": _canon(v) for k, v in g.items() if k != "params"})
         self._agreed = _AgreedScale()
         if self.optimizer is not None:
             self.optimizer.transforms = self._agreed
@@ -220,7 +384,27 @@ class ShardedOptimizer:
         self.last_grad_norm: float | None = None
         self.last_step_skipped = False
         self.skipped_steps = 0
-        self.timings = {"reduce_scatter": 0.0, "norm": 0.0, "update": 0.0, "allgather": 0.0, "steps": 0}
+        self.timings = {"reduce_scatter": 0.0, "norm": 0.0, "agree": 0.0, "update": 0.0, "allgather": 0.0,
+                        "steps": 0}
+        return model, settings
+
+    @property
+    def clip_grad_norm(self) -> float | None:
+        """The largest global gradient norm (None: no clipping); settable, checked, on every rank alike."""
+        return self._clip_grad_norm
+
+    @clip_grad_norm.setter
+    def clip_grad_norm(self, value) -> None:
+        self._clip_grad_norm = GradTransforms(clip_grad_norm=value, seed=0).clip_grad_norm
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Whether a step with NaN or inf in any rank's gradient is skipped; settable, on every rank alike."""
+        return self._skip_nonfinite
+
+    @skip_nonfinite.setter
+    def skip_nonfinite(self, value) -> None:
+        self._skip_nonfinite = GradTransforms(skip_nonfinite=value, seed=0).skip_nonfinite
 
     @staticmethod
     def _parse(params) -> tuple[FlatParams, list[tuple[FlatSelection, dict]]]:
@@ -249,6 +433,26 @@ class ShardedOptimizer:
     def _check_grads(self, grads) -> np.ndarray:
         return host_gradient_buffer(grads, self.flat.layout, self.flat.buffer, "ShardedOptimizer.step()")
 
+    def _prepare(self, local_grads) -> tuple[np.ndarray, dict, dict | None]:
+        """Every check of a step, on this rank, before any communication: the gradient, each
+        group's hyper-parameters (a schedule evaluated, an edit re-validated) and the update's
+        plan. Returns the gradient buffer and what the ranks must agree on: the step count and
+        transforms, and (where this rank updates a shard) every group's hyper-parameters."""
+        g = self._check_grads(local_grads)
+        common = {"step_count": self._step_count, "clip_grad_norm": self._clip_grad_norm,
+                  "skip_nonfinite": self._skip_nonfinite}
+        opt = self.optimizer
+        if opt is None:
+            return g, common, None
+        kernel = opt.kernel
+        hps = [opt._resolve(gi) for gi in range(len(opt.param_groups))]
+        groups = {}
+        for gi, hp in enumerate(hps):
+            groups.update({f"param group {gi} {k}": hp[k] for k in kernel.CHECKS})
+        for cohort in opt._flat.cohorts:  # the plan the update will use (it raises on bad loaded state)
+            kernel.plan(hps[cohort.group], cohort.step + 1, dict(cohort.host))
+        return g, common, groups
+
     def step(self, local_grads) -> None:
         """Average the ranks' gradients, update this rank's shard, all-gather the parameters.
 
@@ -256,10 +460,39 @@ class ShardedOptimizer:
         gradient, a ``FlatParams`` with the parameters' layout or its buffer (not modified).
         Padding between tensors is ignored. With ``skip_nonfinite``, a step in which any
         rank's gradient holds NaN or inf changes nothing on any rank.
+
+        Before the first data collective every rank checks its gradient and its param groups
+        (an edit, a schedule's value) and the ranks agree (one ``Allreduce`` of a few int64):
+        if any rank's check fails, or the ranks' hyper-parameters, step counts or transforms
+        differ, every rank raises (the failing rank's exception type, a message naming it)
+        and nothing changes on any rank. A failure after that point cannot be told to the
+        other ranks (only a MemoryError or a bug could cause one): that rank prints the
+        traceback and calls ``comm.Abort``, ending the job rather than leaving it hanging.
         """
-        MPI = self.MPI
-        g = self._check_grads(local_grads)
         t0 = time.perf_counter()
+        error, g, common, groups = None, None, None, None
+        try:
+            g, common, groups = self._prepare(local_grads)
+        except Exception as exc:  # noqa: BLE001 - reaches every rank through agree(), then raised
+            error = exc
+        agree(self.comm, "ShardedOptimizer.step()", error, [common, groups],
+              ["step count or transforms", "hyper-parameters"])
+        t1 = time.perf_counter()
+        try:
+            self._step_agreed(g, t1)
+        except Exception:  # noqa: BLE001 - the ranks can no longer be kept in step
+            self._abort("ShardedOptimizer.step() failed on rank {} after the ranks agreed to step")
+        self.timings["agree"] += t1 - t0
+
+    def _abort(self, message: str) -> None:
+        traceback.print_exc()
+        print(message.format(self.rank) + "; aborting the job (comm.Abort) rather than leaving the other ranks "
+              "waiting", file=sys.stderr, flush=True)
+        self.comm.Abort(1)
+
+    def _step_agreed(self, g: np.ndarray, t0: float) -> None:
+        """The step's data collectives and the update, once every rank has agreed to step."""
+        MPI = self.MPI
         self.comm.Reduce_scatter(g, [self._grad, self._mpi_type], recvcounts=self._counts, op=MPI.SUM)
         t1 = time.perf_counter()
         gs = self._grad  # the SUM of the ranks' gradients: 1/W goes into the kernel's gradient scale
@@ -267,7 +500,7 @@ class ShardedOptimizer:
             gs[self._pad_index] = 0
         inv_world = 1.0 / self.world_size
         scale = inv_world
-        if self.clip_grad_norm is not None or self.skip_nonfinite:
+        if self._clip_grad_norm is not None or self._skip_nonfinite:
             local = np.zeros(2, np.float64)
             for a, b in self._norm_ranges:
                 s, finite = reduce.sumsq(gs[a:b])
@@ -277,13 +510,14 @@ class ShardedOptimizer:
             self.comm.Allreduce(local, total, op=MPI.SUM)
             norm = math.sqrt(total[0]) * inv_world  # the norm of the averaged gradient
             self.last_grad_norm = norm
-            if self.skip_nonfinite and total[1] > 0:
+            if self._skip_nonfinite and total[1] > 0:
                 self.skipped_steps += 1
                 self.last_step_skipped = True
+                self.timings["reduce_scatter"] += t1 - t0
                 self.timings["norm"] += time.perf_counter() - t1
                 return
-            if self.clip_grad_norm is not None:
-                scale = inv_world * clip_coefficient(norm, self.clip_grad_norm)
+            if self._clip_grad_norm is not None:
+                scale = inv_world * clip_coefficient(norm, self._clip_grad_norm)
         self.last_step_skipped = False
         t2 = time.perf_counter()
         if self.optimizer is not None:
@@ -323,14 +557,6 @@ class ShardedOptimizer:
         return sum(b.nbytes for b in self.optimizer._flat.buffers.values())
 
     # -- state --------------------------------------------------------------------------
-    def _local_pieces(self) -> dict[str, dict]:
-        """This rank's state per tensor piece: ``start`` in the tensor, step, host scalars and
-        1-D copies of the state buffers."""
-        if self.optimizer is None:
-            return {}
-        sd = self.optimizer.state_dict()
-        return {name: {"start": self._piece_start[name], **entry} for name, entry in sd["state"].items()}
-
     def consolidated_state_dict(self, root: int | None = 0) -> dict | None:
         """The whole optimizer state, gathered: a state dict of a plain, unsharded
         ``optimizer_cls`` over the same ``FlatParams`` (keyed by tensor name, buffers of the
@@ -338,16 +564,30 @@ class ShardedOptimizer:
 
         Collective. Returned on ``root`` (None elsewhere), or on every rank if ``root`` is None.
         """
-        pieces = self._local_pieces()
-        gathered = self.comm.allgather(pieces) if root is None else self.comm.gather(pieces, root=root)
+        error, pieces = None, None
+        try:
+            if root is not None and (isinstance(root, bool) or not isinstance(root, numbers.Integral)
+                                     or not 0 <= root < self.world_size):
+                raise ValueError(f"root must be None or a rank in [0, {self.world_size}), got {root!r}")
+            if self.optimizer is not None:
+                sd = self.optimizer.state_dict()
+                header = {k: sd[k] for k in ("optimizer", "format", "param_groups")}
+                pieces = (header, {name: {"start": self._piece_start[name], **entry}
+                                   for name, entry in sd["state"].items()})
+            else:
+                pieces = (None, {})
+        except Exception as exc:  # noqa: BLE001 - reaches every rank through agree(), then raised
+            error = exc
+        agree(self.comm, "ShardedOptimizer.consolidated_state_dict()", error, [{"root": _canon(root)}], ["root"])
+        gathered = self.comm.allgather(pieces) if root is None else self.comm.gather(pieces, root=int(root))
         if gathered is None:
             return None
-        if self.optimizer is None:
-            raise RuntimeError("consolidated_state_dict needs a root whose shard holds a tensor; use root=None")
         layout = self.flat.layout
-        sd = self.optimizer.state_dict()
+        sd = next((header for header, _ in gathered if header is not None), None)
+        if sd is None:  # the same on every rank that gathered
+            raise ValueError("no rank's shard holds a tensor of a param group: there is no state to gather")
         state: dict[str, dict] = {}
-        for rank_pieces in gathered:
+        for _, rank_pieces in gathered:
             for name, entry in rank_pieces.items():
                 shape = layout.shapes[layout.index(name)]
                 size = layout.sizes[layout.index(name)]
@@ -384,28 +624,33 @@ class ShardedOptimizer:
         """
         self._agree_and_load(lambda: (self._shard_of(state_dict), None))
 
-    def _agree_and_load(self, prepare) -> None:
+    def _agree_and_load(self, prepare, what: str = "ShardedOptimizer.load_state_dict()") -> None:
         """Run ``prepare() -> (local state dict, parameter buffer or None)`` and the shard
-        optimizer's checks on every rank; load only if every rank passed, else raise on all."""
-        error: Exception | None = None
+        optimizer's checks on every rank; load only if every rank passed and the ranks' step
+        counts and hyper-parameters agree, else raise on all (see :func:`agree`)."""
+        error, local, params, step_count, loaded = None, None, None, 0, None
         try:
             local, params = prepare()
             if self.optimizer is not None:
                 self.optimizer._check_state_dict(local)
             step_count = local.get("step_count", 0)
-            if isinstance(step_count, bool) or not isinstance(step_count, (int, np.integer)) or step_count < 0:
+            if isinstance(step_count, np.ndarray) and step_count.ndim == 0:
+                step_count = step_count.item()
+            if isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral) or step_count < 0:
                 raise ValueError(f"state_dict step_count must be an integer >= 0, got {step_count!r}")
+            loaded = {"step_count": int(step_count)}
+            for gi, g in enumerate(local["param_groups"]):
+                loaded.update({f"param group {gi} {k}": _canon(v) for k, v in g.items() if k != "params"})
         except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, then is re-raised
             error = exc
-        failed = self.comm.allreduce(1 if error is not None else 0, op=self.MPI.SUM)
-        if error is not None:
-            raise error
-        if failed:
-            raise ValueError(f"the state was rejected on {failed} other rank(s); nothing was loaded")
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(local)
-        if params is not None:
-            np.copyto(self.flat.buffer, params)
+        agree(self.comm, what, error, [loaded], ["state (step count, hyper-parameters)"])
+        try:
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(local)
+            if params is not None:
+                np.copyto(self.flat.buffer, params)
+        except Exception:  # noqa: BLE001 - checked on every rank; the ranks can no longer be kept alike
+            self._abort(what + " failed on rank {} after the ranks agreed to load")
         self._step_count = int(step_count)
 
     def _shard_of(self, sd: dict) -> dict:

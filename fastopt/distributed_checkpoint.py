@@ -25,7 +25,7 @@ import zipfile
 import numpy as np
 
 from .checkpoint import CheckpointError, _jsonable
-from .distributed import ShardedOptimizer
+from .distributed import ShardedOptimizer, agree
 
 #: Version of the sharded checkpoint layout.
 SHARDED_VERSION = 1
@@ -39,16 +39,62 @@ def _file(directory: str, rank: int, world: int) -> str:
 def save_sharded(opt: ShardedOptimizer, directory: str | os.PathLike) -> str:
     """Write this rank's part of the checkpoint into ``directory`` (created if missing).
 
-    Collective: every rank calls it with the same directory. Returns this rank's file path.
-    Files of another world size already in ``directory`` are removed by rank 0 after every
-    rank has written, so the directory holds one consistent checkpoint.
+    Collective: every rank calls it with the same directory (checked). Returns this rank's
+    file path. Every rank writes a temporary file; only when every rank has written its file
+    do the ranks rename theirs into place, so a rank that cannot write (a full disk, a
+    directory it cannot reach) makes every rank raise and leaves the previous checkpoint in
+    ``directory`` as it was. Files of another world size already in ``directory`` are removed
+    by rank 0 after every rank has written, so the directory holds one consistent checkpoint.
     """
     if not isinstance(opt, ShardedOptimizer):
         raise TypeError(f"save_sharded() takes a ShardedOptimizer, got {type(opt).__name__}")
     directory = os.fspath(directory)
+    error, path, arrays = None, None, None
+    try:  # everything this rank can check before writing; rank 0 makes the directory
+        arrays = _shard_arrays(opt)
+        path = _file(directory, opt.rank, opt.world_size)
+        if opt.rank == 0:
+            os.makedirs(directory, exist_ok=True)
+    except Exception as exc:  # noqa: BLE001 - reaches every rank through agree(), then raised
+        error = exc
+    agree(opt.comm, "save_sharded()", error, [{"directory": directory}], ["checkpoint directory"])
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        try:  # every rank writes a temporary file; the old checkpoint stays until all have
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as exc:  # noqa: BLE001 - a rank that cannot write must not leave the others waiting
+            error = exc
+        agree(opt.comm, "save_sharded()", error)
+        try:
+            os.replace(tmp, path)
+        except Exception as exc:  # noqa: BLE001 - as above
+            error = exc
+    finally:
+        try:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        except OSError:
+            pass
+    agree(opt.comm, "save_sharded()", error)  # every shard is written, or every rank raises
+    error = None
     if opt.rank == 0:
-        os.makedirs(directory, exist_ok=True)
-    opt.comm.Barrier()
+        try:
+            for other in glob.glob(os.path.join(directory, "shard-*-of-*.npz")):
+                m = _NAME.search(other)
+                if m and int(m.group(2)) != opt.world_size:
+                    os.unlink(other)
+        except OSError as exc:
+            error = exc
+    agree(opt.comm, "save_sharded()", error)
+    return path
+
+
+def _shard_arrays(opt: ShardedOptimizer) -> dict[str, np.ndarray]:
+    """The arrays of this rank's shard file: its parameter slice, its state pieces and the
+    JSON metadata."""
     layout = opt.flat.layout
     arrays = {"params": opt.flat.buffer[opt.lo : opt.hi]}
     pieces = []
@@ -74,26 +120,7 @@ def save_sharded(opt: ShardedOptimizer, directory: str | os.PathLike) -> str:
             "shapes": [list(s) for s in layout.shapes], "dtype": str(layout.dtype), "size": layout.size,
             "groups": [list(sel.names) for sel, _ in opt._groups], "param_groups": groups, "pieces": pieces}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    path = _file(directory, opt.rank, opt.world_size)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    opt.comm.Barrier()
-    if opt.rank == 0:
-        for other in glob.glob(os.path.join(directory, "shard-*-of-*.npz")):
-            m = _NAME.search(other)
-            if m and int(m.group(2)) != opt.world_size:
-                os.unlink(other)
-    opt.comm.Barrier()
-    return path
+    return arrays
 
 
 def _open(path: str):
