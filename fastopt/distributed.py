@@ -670,13 +670,25 @@ class ShardedOptimizer:
         if not isinstance(state, dict):
             raise TypeError("state_dict has no state dict")
         step_count = sd.get("step_count", 0)
+        # the whole dict's structure, on every rank alike (not only the tensors of this shard)
+        names = [n for sel, _ in self._groups for n in sel.names]
+        missing = [n for n in names if not isinstance(state.get(n), dict)]
+        if missing:
+            raise ValueError(f"state_dict has no state for tensor(s) {missing}")
+        extra = sorted(map(str, set(state) - set(names)))
+        if extra:
+            raise ValueError(f"state_dict has state for {extra}, which no param group holds")
+        for name in names:
+            shape = layout.shapes[layout.index(name)]
+            for k, v in state[name].items():
+                if isinstance(v, np.ndarray) and v.ndim > 0 and v.shape != shape:
+                    raise ValueError(f"state_dict tensor {name!r}: {k} has shape {v.shape}, "
+                                     f"the tensor has shape {shape}")
         out_state = {}
         for name, start in self._piece_start.items():
             if name not in state:
-                continue  # a tensor in no group: the shard optimizer's own check reports a missing one
+                continue  # a tensor in no group
             entry = state[name]
-            if not isinstance(entry, dict):
-                raise TypeError(f"state_dict has no state dict for tensor {name!r}")
             shape = layout.shapes[layout.index(name)]
             n = self.shard.layout.sizes[self.shard.layout.index(name)]
             piece = {}
