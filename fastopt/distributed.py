@@ -45,6 +45,15 @@ Example, launched with ``mpiexec -n 2 python train.py``::
         compute_grads(flat, xb, yb, out=grads)            # local gradients
         opt.step(grads)                                   # average, update shard, all-gather
 
+Errors reach every rank. Each collective method (construction, ``step``, loading, gathering,
+and :mod:`fastopt.distributed_checkpoint`'s saving) runs all of its checks locally, then the
+ranks :func:`agree` (one small ``Allreduce``) before the first data collective: if any rank's
+check failed, or the ranks' hyper-parameters, step counts or transforms differ, every rank
+raises the same exception type with the same message naming the failing rank, and nothing
+has changed anywhere. No check that fails on one rank leaves the others blocked in a
+collective. For exceptions in your own code, :func:`abort_on_exception` makes an uncaught one
+end the whole job.
+
 ``import fastopt`` never imports mpi4py; this module imports it when an optimizer is built.
 """
 
@@ -57,6 +66,7 @@ import pickle
 import sys
 import time
 import traceback
+import zlib
 from typing import Any
 
 import numpy as np
@@ -70,6 +80,8 @@ __all__ = ["ShardedOptimizer", "abort_on_exception", "agree", "shard_bounds"]
 
 
 def _mpi():
+    if "mpi4py.MPI" in sys.modules:  # the common case, without the import machinery
+        return sys.modules["mpi4py.MPI"]
     try:
         from mpi4py import MPI
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -105,11 +117,27 @@ def _canon(value):
     return f"<{type(value).__qualname__}>"
 
 
-def _digest(description) -> int:
-    """A 62-bit digest of a description (nested tuples of canonical values: deterministic
-    across processes, unlike ``hash`` of a string)."""
-    raw = hashlib.blake2b(repr(description).encode(), digest_size=8).digest()
-    return int.from_bytes(raw, "little") & _DIGEST_MASK
+def _digest(description: dict) -> int:
+    """A 62-bit digest of a dict of canonical values, deterministic across processes (unlike
+    ``hash`` of a string): BLAKE2b of the repr of its sorted items. Memoized on the items, so
+    that a step whose hyper-parameters did not change costs one dict lookup."""
+    key = tuple(description.items())
+    try:
+        return _DIGESTS[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable value: no memo
+        key = None
+    raw = hashlib.blake2b(repr(tuple(sorted(description.items()))).encode(), digest_size=8).digest()
+    digest = int.from_bytes(raw, "little") & _DIGEST_MASK
+    if key is not None:
+        if len(_DIGESTS) >= 256:  # a schedule gives a new lr every step: keep the memo small
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
+
+
+_DIGESTS: dict[tuple, int] = {}
 
 
 def _portable(exc: BaseException) -> type:
@@ -141,17 +169,26 @@ def agree(comm, what: str, error: BaseException | None = None, descriptions=(), 
     ``failed_ranks`` set; or, if no rank failed but descriptions differ, ``ValueError``
     naming the ranks and the entries that differ from the lowest rank's.
     """
-    from mpi4py import MPI
+    local = _votes(error, descriptions)
+    total = np.empty_like(local)
+    comm.Allreduce(local, total, op=_mpi().MAX)
+    _settle(comm, what, error, descriptions, labels, total)
 
-    n = len(descriptions)
-    local = np.full(1 + 2 * n, _ABSENT, np.int64)
+
+def _votes(error, descriptions) -> np.ndarray:
+    """This rank's side of :func:`agree`: the failure flag, then each digest and its negation."""
+    local = np.full(1 + 2 * len(descriptions), _ABSENT, np.int64)
     local[0] = 0 if error is None else 1
     for i, d in enumerate(descriptions):
         if d is not None:
-            h = _digest(tuple(sorted(d.items())))
+            h = _digest(d)
             local[1 + 2 * i], local[2 + 2 * i] = h, -h
-    total = np.empty_like(local)
-    comm.Allreduce(local, total, op=MPI.MAX)
+    return local
+
+
+def _settle(comm, what, error, descriptions, labels, total: np.ndarray) -> None:
+    """Return if the reduced votes say every rank passed and agrees, else raise on every rank."""
+    n = len(descriptions)
     if total[0] == 0 and all(total[1 + 2 * i] == -total[2 + 2 * i] or total[1 + 2 * i] == _ABSENT
                              for i in range(n)):
         return
@@ -272,9 +309,10 @@ class ShardedOptimizer:
     params : FlatParams or list of group dicts
         The model: a :class:`~fastopt.FlatParams`, or group dicts whose ``params`` are
         selections of one (``flat.select("*.bias")``), exactly as for ``optimizer_cls``.
-        Every rank must pass the same layout and groups (checked: a mismatch raises on every
-        rank); the parameters are broadcast from rank 0, so every rank starts from rank 0's
-        values, as in torch's DistributedDataParallel.
+        Every rank must pass the same layout, groups, options and transforms (checked: a
+        mismatch, or an argument that fails a check on one rank only, raises on every rank);
+        the parameters are broadcast from rank 0, so every rank starts from rank 0's values,
+        as in torch's DistributedDataParallel.
     comm : mpi4py.MPI.Comm
         The intra-communicator whose ranks train together (``MPI.COMM_WORLD``).
     align : int, optional
@@ -293,9 +331,10 @@ class ShardedOptimizer:
     shard : FlatParams or None, this rank's slice of the parameters (pieces of tensors, 1-D)
     optimizer : Optimizer or None, the fastopt optimizer over ``shard`` (None when this rank's
         shard holds no tensor of any group)
-    timings : dict, cumulative seconds of the steps' phases: ``"reduce_scatter"``, ``"norm"``
-        (zeroing padding; for clipping or skipping, the local norm and its ``Allreduce``),
-        ``"update"`` (the fused kernel), ``"allgather"``; and the number of ``"steps"``
+    timings : dict, cumulative seconds of the steps' phases: ``"reduce_scatter"`` (with the
+        checks and the ranks' vote, see :meth:`step`), ``"norm"`` (zeroing
+        padding; for clipping or skipping, the local norm and its ``Allreduce``), ``"update"``
+        (the fused kernel), ``"allgather"``; and the number of ``"steps"``
     """
 
     def __init__(self, optimizer_cls: type[Optimizer], params, comm, *, align: int | None = None,
@@ -333,6 +372,8 @@ class ShardedOptimizer:
         self._skip_nonfinite = checked.skip_nonfinite
         flat, groups = self._parse(params)
         layout = flat.layout
+        if not flat.buffer.flags.writeable:  # the broadcast and every step write it
+            raise ValueError("the parameters' buffer is read-only; ShardedOptimizer updates it in place")
         if align is None:
             align = layout.align
         if isinstance(align, bool) or not isinstance(align, int) or align < layout.align or align % layout.align:
@@ -364,6 +405,7 @@ class ShardedOptimizer:
                 inner.append({"params": FlatSelection(self.shard, names), **overrides})
             if any(len(g["params"]) for g in inner):
                 self.optimizer = optimizer_cls(inner, **options)
+                self._selections = [g["params"] for g in self.optimizer.param_groups]
         built = self.optimizer
         if built is None:  # nothing to update here; still check the options (and fill in the defaults)
             probe = FlatParams({f"g{i}": 1 for i in range(len(groups))}, layout.dtype)
@@ -384,7 +426,7 @@ class ShardedOptimizer:
         self.last_grad_norm: float | None = None
         self.last_step_skipped = False
         self.skipped_steps = 0
-        self.timings = {"reduce_scatter": 0.0, "norm": 0.0, "agree": 0.0, "update": 0.0, "allgather": 0.0,
+        self.timings = {"reduce_scatter": 0.0, "norm": 0.0, "update": 0.0, "allgather": 0.0,
                         "steps": 0}
         return model, settings
 
@@ -439,13 +481,23 @@ class ShardedOptimizer:
         plan. Returns the gradient buffer and what the ranks must agree on: the step count and
         transforms, and (where this rank updates a shard) every group's hyper-parameters."""
         g = self._check_grads(local_grads)
+        if not self.flat.buffer.flags.writeable:  # the all-gather writes every rank's buffer
+            raise ValueError("the parameters' buffer is read-only; ShardedOptimizer updates it in place")
         common = {"step_count": self._step_count, "clip_grad_norm": self._clip_grad_norm,
                   "skip_nonfinite": self._skip_nonfinite}
         opt = self.optimizer
         if opt is None:
             return g, common, None
         kernel = opt.kernel
-        hps = [opt._resolve(gi) for gi in range(len(opt.param_groups))]
+        groups = opt.param_groups
+        if len(groups) != len(self._selections):
+            raise ValueError(f"ShardedOptimizer has {len(self._selections)} param groups, not {len(groups)}: "
+                             "groups cannot be added or removed")
+        for gi, (group, selection) in enumerate(zip(groups, self._selections)):
+            if not isinstance(group, dict) or group.get("params") is not selection:
+                raise ValueError(f"param group {gi}'s params were replaced; a ShardedOptimizer's groups keep "
+                                 "the tensors they were built with")
+        hps = [opt._resolve(gi) for gi in range(len(groups))]
         groups = {}
         for gi, hp in enumerate(hps):
             groups.update({f"param group {gi} {k}": hp[k] for k in kernel.CHECKS})
@@ -473,16 +525,30 @@ class ShardedOptimizer:
         error, g, common, groups = None, None, None, None
         try:
             g, common, groups = self._prepare(local_grads)
-        except Exception as exc:  # noqa: BLE001 - reaches every rank through agree(), then raised
+        except Exception as exc:  # noqa: BLE001 - reaches every rank through the vote, then raised
             error = exc
-        agree(self.comm, "ShardedOptimizer.step()", error, [common, groups],
-              ["step count or transforms", "hyper-parameters"])
-        t1 = time.perf_counter()
+        # The vote (a non-blocking Allreduce) is posted before the reduce-scatter and settled
+        # right after it, before anything but the scratch shard self._grad has been written:
+        # one synchronization per step instead of two. A rank whose checks failed sends its
+        # parameter buffer (the right size and type; the result is discarded).
+        descriptions = [common, groups]
+        votes = _votes(error, descriptions)
+        total = np.empty_like(votes)
+        request = self.comm.Iallreduce(votes, total, op=self.MPI.MAX)
         try:
-            self._step_agreed(g, t1)
+            send = self.flat.buffer if g is None else g
+            self.comm.Reduce_scatter(send, [self._grad, self._mpi_type], recvcounts=self._counts,
+                                     op=self.MPI.SUM)
+        finally:
+            request.Wait()
+        t1 = time.perf_counter()
+        _settle(self.comm, "ShardedOptimizer.step()", error, descriptions,
+                ["step count or transforms", "hyper-parameters"], total)
+        try:
+            self._step_agreed(t1)
         except Exception:  # noqa: BLE001 - the ranks can no longer be kept in step
             self._abort("ShardedOptimizer.step() failed on rank {} after the ranks agreed to step")
-        self.timings["agree"] += t1 - t0
+        self.timings["reduce_scatter"] += t1 - t0
 
     def _abort(self, message: str) -> None:
         traceback.print_exc()
@@ -490,11 +556,10 @@ class ShardedOptimizer:
               "waiting", file=sys.stderr, flush=True)
         self.comm.Abort(1)
 
-    def _step_agreed(self, g: np.ndarray, t0: float) -> None:
-        """The step's data collectives and the update, once every rank has agreed to step."""
+    def _step_agreed(self, t1: float) -> None:
+        """The rest of a step every rank has agreed to: the update of the reduce-scattered
+        gradient shard and the all-gather."""
         MPI = self.MPI
-        self.comm.Reduce_scatter(g, [self._grad, self._mpi_type], recvcounts=self._counts, op=MPI.SUM)
-        t1 = time.perf_counter()
         gs = self._grad  # the SUM of the ranks' gradients: 1/W goes into the kernel's gradient scale
         if self._pad_index.size:
             gs[self._pad_index] = 0
@@ -513,7 +578,6 @@ class ShardedOptimizer:
             if self._skip_nonfinite and total[1] > 0:
                 self.skipped_steps += 1
                 self.last_step_skipped = True
-                self.timings["reduce_scatter"] += t1 - t0
                 self.timings["norm"] += time.perf_counter() - t1
                 return
             if self._clip_grad_norm is not None:
@@ -529,7 +593,6 @@ class ShardedOptimizer:
         t4 = time.perf_counter()
         self._step_count += 1
         tm = self.timings
-        tm["reduce_scatter"] += t1 - t0
         tm["norm"] += t2 - t1
         tm["update"] += t3 - t2
         tm["allgather"] += t4 - t3
@@ -618,9 +681,11 @@ class ShardedOptimizer:
         """Load a whole (consolidated) state dict, saved with any number of ranks or by a plain
         optimizer over the same ``FlatParams``: each rank keeps its shard of it.
 
-        Collective. Every rank checks its part (via the shard optimizer's own checks) and the
-        ranks agree before any of them changes anything, so a bad dict raises on every rank and
-        leaves every optimizer as it was.
+        Collective: pass the same dict on every rank. Every rank checks the dict's structure
+        (every tensor's entry and shapes) and its own part (via the shard optimizer's own
+        checks), and the ranks agree, also on the step count and hyper-parameters, before any
+        of them changes anything: a bad dict on any rank raises on every rank and leaves every
+        optimizer as it was. (Moment values are not compared: each rank reads only its shard.)
         """
         self._agree_and_load(lambda: (self._shard_of(state_dict), None))
 
@@ -639,6 +704,8 @@ class ShardedOptimizer:
             if isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral) or step_count < 0:
                 raise ValueError(f"state_dict step_count must be an integer >= 0, got {step_count!r}")
             loaded = {"step_count": int(step_count)}
+            if params is not None:  # the parameters every rank will hold: the same file contents
+                loaded["parameters (CRC-32)"] = zlib.crc32(np.ascontiguousarray(params).view(np.uint8))
             for gi, g in enumerate(local["param_groups"]):
                 loaded.update({f"param group {gi} {k}": _canon(v) for k, v in g.items() if k != "params"})
         except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, then is re-raised

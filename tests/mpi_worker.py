@@ -279,7 +279,50 @@ def _fault_cases():
                                                                                           make_flat().buffer)),
                 "opt": other}
 
+    def read_only(opt, bad):
+        if bad:
+            opt.flat.buffer.flags.writeable = False
+
+    def remove_group(opt, bad):
+        if bad:
+            del opt.param_groups[1]
+
+    def replace_params(opt, bad):
+        if bad:
+            opt.param_groups[0]["params"] = opt.param_groups[1]["params"]
+
+    def read_only_ctor(comm, bad):
+        flat = make_flat(np.float32)
+        flat.buffer.flags.writeable = not bad
+        return {"error": _outcome(lambda: ShardedOptimizer(fo.Adam, groups(flat), comm, lr=0.01))}
+
+    def save_elsewhere(comm, rank, bad, out):
+        flat, opt = adam(comm)
+        directory = os.path.join(out, f"elsewhere-{comm.Get_size()}-{int(bad)}")
+        return {"error": _outcome(lambda: save_sharded(opt, directory)),
+                "unchanged": not os.path.exists(directory) or not os.listdir(directory)}
+
+    def load_other_checkpoint(comm, rank, bad, out):
+        world = comm.Get_size()
+        for label, shift in (("a", 0.0), ("b", 1.0)):  # two checkpoints of the same step count
+            flat = make_flat(np.float32)
+            flat.buffer[...] += shift
+            save_sharded(ShardedOptimizer(fo.Adam, groups(flat), comm, lr=0.01),
+                         os.path.join(out, f"other-{world}-{label}"))
+        fresh, other = adam(comm)
+        before = fresh.buffer.copy()
+        error = _outcome(lambda: load_sharded(other, os.path.join(out, f"other-{world}-{'b' if bad else 'a'}")))
+        return {"error": error, "unchanged": bool(np.array_equal(before, fresh.buffer)), "opt": other}
+
     return {
+        "read_only_at_construction": lambda comm, rank, world, bad, out: read_only_ctor(comm, bad),
+        "read_only_before_step": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, before_step=read_only),
+        "group_removed": lambda comm, rank, world, bad, out: faulty_step(comm, rank, bad, before_step=remove_group),
+        "group_params_replaced": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, before_step=replace_params),
+        "save_other_directory": lambda comm, rank, world, bad, out: save_elsewhere(comm, rank, bad, out),
+        "load_other_checkpoint": lambda comm, rank, world, bad, out: load_other_checkpoint(comm, rank, bad, out),
         "grad_size": lambda comm, rank, world, bad, out: faulty_step(
             comm, rank, bad, lambda flat, g: np.zeros(flat.buffer.size + 16, np.float32)),
         "grad_dtype": lambda comm, rank, world, bad, out: faulty_step(

@@ -312,12 +312,18 @@ FAULTS = {
     "schedule_differs": "ValueError", "schedule_invalid": "ValueError", "schedule_raises": "ZeroDivisionError",
     "load_bad_dict": "ValueError", "load_not_a_dict": "TypeError", "load_other_step_count": "ValueError",
     "gather_other_root": "ValueError", "save_fails_on_one_rank": "IsADirectoryError",
+    "read_only_at_construction": "ValueError", "read_only_before_step": "ValueError",
+    "group_removed": "ValueError", "group_params_replaced": "ValueError",
+    "save_other_directory": "ValueError", "load_other_checkpoint": "ValueError",
 }
 #: what the message must name besides the faulty rank (an option that differs)
 FAULT_WORDS = {"skip_nonfinite_on_one_rank": "skip_nonfinite", "skip_nonfinite_toggled_on_one_rank": "skip_nonfinite",
                "clip_on_one_rank": "clip_grad_norm", "different_lr_at_construction": "lr",
                "different_group_edit": "param group 1 weight_decay", "schedule_differs": "param group 0 lr",
-               "load_other_step_count": "step_count", "gather_other_root": "root", "grad_size": "shape"}
+               "load_other_step_count": "step_count", "gather_other_root": "root", "grad_size": "shape",
+               "read_only_at_construction": "read-only", "read_only_before_step": "read-only",
+               "group_removed": "param groups", "group_params_replaced": "replaced",
+               "save_other_directory": "directory", "load_other_checkpoint": "parameters"}
 
 
 def run_faults(world: int, base: Path) -> dict:
