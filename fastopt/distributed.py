@@ -489,21 +489,21 @@ class ShardedOptimizer:
         if opt is None:
             return g, common, None
         kernel = opt.kernel
-        groups = opt.param_groups
-        if len(groups) != len(self._selections):
-            raise ValueError(f"ShardedOptimizer has {len(self._selections)} param groups, not {len(groups)}: "
-                             "groups cannot be added or removed")
-        for gi, (group, selection) in enumerate(zip(groups, self._selections)):
+        param_groups = opt.param_groups
+        if len(param_groups) != len(self._selections):
+            raise ValueError(f"ShardedOptimizer has {len(self._selections)} param groups, not "
+                             f"{len(param_groups)}: groups cannot be added or removed")
+        for gi, (group, selection) in enumerate(zip(param_groups, self._selections)):
             if not isinstance(group, dict) or group.get("params") is not selection:
                 raise ValueError(f"param group {gi}'s params were replaced; a ShardedOptimizer's groups keep "
                                  "the tensors they were built with")
-        hps = [opt._resolve(gi) for gi in range(len(groups))]
-        groups = {}
+        hps = [opt._resolve(gi) for gi in range(len(param_groups))]  # validated, the schedule evaluated
+        hyper = {}
         for gi, hp in enumerate(hps):
-            groups.update({f"param group {gi} {k}": hp[k] for k in kernel.CHECKS})
+            hyper.update({f"param group {gi} {k}": hp[k] for k in kernel.CHECKS})
         for cohort in opt._flat.cohorts:  # the plan the update will use (it raises on bad loaded state)
             kernel.plan(hps[cohort.group], cohort.step + 1, dict(cohort.host))
-        return g, common, groups
+        return g, common, hyper
 
     def step(self, local_grads) -> None:
         """Average the ranks' gradients, update this rank's shard, all-gather the parameters.
@@ -513,13 +513,17 @@ class ShardedOptimizer:
         Padding between tensors is ignored. With ``skip_nonfinite``, a step in which any
         rank's gradient holds NaN or inf changes nothing on any rank.
 
-        Before the first data collective every rank checks its gradient and its param groups
-        (an edit, a schedule's value) and the ranks agree (one ``Allreduce`` of a few int64):
-        if any rank's check fails, or the ranks' hyper-parameters, step counts or transforms
-        differ, every rank raises (the failing rank's exception type, a message naming it)
-        and nothing changes on any rank. A failure after that point cannot be told to the
-        other ranks (only a MemoryError or a bug could cause one): that rank prints the
-        traceback and calls ``comm.Abort``, ending the job rather than leaving it hanging.
+        Before any communication every rank checks its gradient, its parameters' buffer and
+        its param groups (an edit, a schedule's value, the update's plan); its vote (one
+        non-blocking ``Allreduce`` of 5 int64: failed or not, digests of the step count,
+        transforms and hyper-parameters) is posted before the reduce-scatter and settled
+        right after it, before anything but a scratch buffer has been written. If any rank's
+        check failed, or the ranks' hyper-parameters, step counts or transforms differ, every
+        rank raises (the failing rank's exception type, one message naming it; see
+        :func:`agree`) and nothing has changed on any rank. A failure after that point
+        cannot be told to the other ranks (only a MemoryError or a bug could cause one):
+        that rank prints the traceback and calls ``comm.Abort``, ending the job rather than
+        leaving it hanging.
         """
         t0 = time.perf_counter()
         error, g, common, groups = None, None, None, None

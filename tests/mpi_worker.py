@@ -314,7 +314,19 @@ def _fault_cases():
         error = _outcome(lambda: load_sharded(other, os.path.join(out, f"other-{world}-{'b' if bad else 'a'}")))
         return {"error": error, "unchanged": bool(np.array_equal(before, fresh.buffer)), "opt": other}
 
+    def two_ranks_fail(comm, rank, world, bad):
+        flat, opt = adam(comm)
+        before = flat.buffer.copy()
+        g = _grads(flat, rank)
+        if rank == 0:
+            g = g.buffer.astype(np.float64)  # TypeError here, ValueError on the last rank
+        elif bad:
+            g = np.zeros(3, np.float32)
+        return {"error": _outcome(lambda: opt.step(g)), "unchanged": bool(np.array_equal(before, flat.buffer)),
+                "opt": opt}
+
     return {
+        "two_ranks_fail": lambda comm, rank, world, bad, out: two_ranks_fail(comm, rank, world, bad),
         "read_only_at_construction": lambda comm, rank, world, bad, out: read_only_ctor(comm, bad),
         "read_only_before_step": lambda comm, rank, world, bad, out: faulty_step(
             comm, rank, bad, before_step=read_only),

@@ -315,7 +315,10 @@ FAULTS = {
     "read_only_at_construction": "ValueError", "read_only_before_step": "ValueError",
     "group_removed": "ValueError", "group_params_replaced": "ValueError",
     "save_other_directory": "ValueError", "load_other_checkpoint": "ValueError",
+    "two_ranks_fail": "TypeError",  # rank 0's type (the lowest failing rank), the last rank's is ValueError
 }
+#: the ranks that fail, where not only the last one
+FAULT_RANKS = {"two_ranks_fail": lambda world: [0, world - 1]}
 #: what the message must name besides the faulty rank (an option that differs)
 FAULT_WORDS = {"skip_nonfinite_on_one_rank": "skip_nonfinite", "skip_nonfinite_toggled_on_one_rank": "skip_nonfinite",
                "clip_on_one_rank": "clip_grad_norm", "different_lr_at_construction": "lr",
@@ -382,9 +385,10 @@ def test_a_fault_on_one_rank_raises_on_every_rank_and_changes_nothing(faults2, f
         assert all(e is not None for e in errors), errors
         assert {e[0] for e in errors} == {want}, errors
         assert len({e[1] for e in errors}) == 1, errors  # one message on every rank
-        bad = world - 1
-        assert f"rank {bad}" in errors[0][1] or f"ranks [{bad}]" in errors[0][1], errors[0][1]
-        assert all(e[2] == [bad] for e in errors), errors
+        bad = FAULT_RANKS.get(case, lambda world: [world - 1])(world)
+        named = f"rank {bad[0]}" if len(bad) == 1 else f"ranks {bad}"
+        assert f"{named} of {world}" in errors[0][1] or f"ranks {bad} differ" in errors[0][1], errors[0][1]
+        assert all(e[2] == bad for e in errors), errors
         assert FAULT_WORDS.get(case, "") in errors[0][1], errors[0][1]
     for s in seen:
         if "unchanged" in s:
