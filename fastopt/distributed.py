@@ -714,7 +714,7 @@ class ShardedOptimizer:
                 loaded.update({f"param group {gi} {k}": _canon(v) for k, v in g.items() if k != "params"})
         except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, then is re-raised
             error = exc
-        agree(self.comm, what, error, [loaded], ["state (step count, hyper-parameters)"])
+        agree(self.comm, what, error, [loaded], ["state (step count, hyper-parameters, loaded parameters)"])
         try:
             if self.optimizer is not None:
                 self.optimizer.load_state_dict(local)

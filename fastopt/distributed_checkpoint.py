@@ -236,7 +236,7 @@ def load_sharded(opt: ShardedOptimizer, directory: str | os.PathLike) -> None:
         return _local_state(opt, files)
 
     try:
-        opt._agree_and_load(prepare)
+        opt._agree_and_load(prepare, "load_sharded()")
     finally:
         for npz, _ in files:
             npz.close()
