@@ -185,7 +185,7 @@ def main(out: str, load_from: str | None = None) -> None:
 # -- faults: one rank's failure must reach every rank -------------------------------------------
 #: Seconds a fault case may take before the watchdog ends the job (a regression hangs in a
 #: collective: the test then names the case and runs the ones after it in a new job).
-CASE_TIMEOUT = float(os.environ.get("FASTOPT_FAULT_CASE_TIMEOUT", 30))
+CASE_TIMEOUT = float(os.environ.get("FASTOPT_FAULT_CASE_TIMEOUT", 20))
 
 
 def _outcome(call):
