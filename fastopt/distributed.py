@@ -235,9 +235,9 @@ def abort_on_exception(comm=None, errorcode: int = 1):
     Installs a :data:`sys.excepthook` that prints the traceback as usual, then calls
     ``comm.Abort(errorcode)`` (``MPI.COMM_WORLD`` by default), which ends every rank of the
     job. Without it, a rank that dies of an exception outside fastopt leaves the others
-    waiting in their next collective (MPICH's launcher ends the job only once the rank's
-    process exits, which mpi4py's ``MPI_Finalize`` at exit may prevent). Returns the hook
-    it replaced. ``python -m mpi4py train.py`` does the same for a whole script.
+    waiting in their next collective, and the job does not end (seen with MPICH). Returns
+    the hook it replaced. ``python -m mpi4py train.py`` does the same for a whole script.
+    Only the main thread's uncaught exceptions reach :data:`sys.excepthook`.
     """
     MPI = _mpi()
     if comm is None:
