@@ -37,7 +37,7 @@ from .checkpoint import (
     _write_temporary,
     _writeable,
 )
-from .distributed import ShardedOptimizer, _shard_layout
+from .distributed import ShardedOptimizer, _shard_layout, agree
 
 #: Version of the sharded checkpoint layout.
 SHARDED_VERSION = 1
@@ -61,36 +61,37 @@ def save_sharded(opt: ShardedOptimizer, directory: str | os.PathLike) -> str:
     if not isinstance(opt, ShardedOptimizer):
         raise TypeError(f"save_sharded() takes a ShardedOptimizer, got {type(opt).__name__}")
     directory = os.fspath(directory)
-    _together(opt, lambda: os.makedirs(directory, exist_ok=True) if opt.rank == 0 else None, "creating the directory")
-    path = _file(directory, opt.rank, opt.world_size)
-    written = _together(opt, lambda: _write_temporary(path, _contents(opt)),
-                        "writing a shard file (no file was replaced)", cleanup=lambda w: _discard(w[0]))
-    _together(opt, lambda: _replace(*written), "renaming a shard file")
-    _together(opt, lambda: _remove_other_worlds(opt, directory) if opt.rank == 0 else None,
-              "removing shard files of another world size")
-    return path
-
-
-def _together(opt: ShardedOptimizer, action, what: str, cleanup=None, other=OSError):
-    """``action()`` on every rank; if it raised on any rank, raise on every rank (after
-    ``cleanup(result)`` where it succeeded), so that no rank waits alone in a collective. A
-    rank that succeeded raises :class:`CheckpointError` if every failure elsewhere was one,
-    else ``other``."""
-    error: Exception | None = None
-    try:
-        result = action()
-    except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+    error, path, arrays, written = None, None, None, None
+    try:  # everything this rank can check before writing; rank 0 makes the directory
+        arrays = _contents(opt)
+        path = _file(directory, opt.rank, opt.world_size)
+        if opt.rank == 0:
+            os.makedirs(directory, exist_ok=True)
+    except Exception as exc:  # noqa: BLE001 - reaches every rank through agree(), then raised
         error = exc
-    codes = opt.comm.allgather(0 if error is None else 1 if isinstance(error, CheckpointError) else 2)
-    if error is not None:
-        raise error
-    failed = [r for r, code in enumerate(codes) if code]
-    if failed:
-        if cleanup is not None:
-            cleanup(result)
-        kind = CheckpointError if all(codes[r] == 1 for r in failed) else other
-        raise kind(f"{what} failed on rank(s) {failed}")
-    return result
+    agree(opt.comm, "save_sharded()", error, [{"directory": directory}], ["checkpoint directory"])
+    try:  # every rank writes and fsyncs a temporary file; the old checkpoint stays until all have
+        written = _write_temporary(path, arrays)
+    except Exception as exc:  # noqa: BLE001 - a rank that cannot write must not leave the others waiting
+        error = exc
+    try:
+        agree(opt.comm, "save_sharded(): writing a shard file (no file was replaced)", error)
+    except BaseException:
+        if written is not None:
+            _discard(written[0])
+        raise
+    try:
+        _replace(*written)
+    except Exception as exc:  # noqa: BLE001 - as above
+        error = exc
+    agree(opt.comm, "save_sharded(): renaming a shard file", error)
+    try:
+        if opt.rank == 0:
+            _remove_other_worlds(opt, directory)
+    except OSError as exc:
+        error = exc
+    agree(opt.comm, "save_sharded(): removing shard files of another world size", error)
+    return path
 
 
 def _remove_other_worlds(opt: ShardedOptimizer, directory: str) -> None:
@@ -316,11 +317,10 @@ def load_sharded(opt: ShardedOptimizer, directory: str | os.PathLike) -> None:
         return _local_state(opt, files)
 
     try:
-        prepared = _together(opt, prepare, f"load_sharded(): reading {directory}", other=ValueError)
+        opt._agree_and_load(prepare, "load_sharded()")
     finally:
         for archive, _ in files:
             archive.close()
-    opt._agree_and_load(lambda: prepared)
 
 
 __all__ = ["SHARDED_VERSION", "load_sharded", "save_sharded"]

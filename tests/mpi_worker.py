@@ -299,5 +299,283 @@ def main(out: str, load_from: str | None = None) -> None:
             pickle.dump(result, f)
 
 
+
+
+# -- faults: one rank's failure must reach every rank -------------------------------------------
+#: Seconds a fault case may take before the watchdog ends the job (a regression hangs in a
+#: collective: the test then names the case and runs the ones after it in a new job).
+CASE_TIMEOUT = float(os.environ.get("FASTOPT_FAULT_CASE_TIMEOUT", 20))
+
+
+def _outcome(call):
+    """None, or [type name, message, failed_ranks] of what ``call`` raised."""
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - the test checks type and message
+        return [type(exc).__name__, str(exc), getattr(exc, "failed_ranks", None)]
+    return None
+
+
+def _grads(flat, rank, step=0, nan=False):
+    return local_grad(flat, rank, step, nan)
+
+
+def _fault_cases():
+    """name -> case(comm, rank, world, bad) -> dict of this rank's observations: ``error``
+    (what the faulty call raised), ``unchanged`` (parameters as before it), ``step_count``."""
+    from fastopt.distributed import ShardedOptimizer
+    from fastopt.distributed_checkpoint import load_sharded, save_sharded
+
+    def adam(comm, flat=None, **options):
+        flat = make_flat(np.float32) if flat is None else flat
+        return flat, ShardedOptimizer(fo.Adam, groups(flat), comm, **{"lr": 0.01, **options})
+
+    def faulty_step(comm, rank, bad, make_grad=None, before_step=None, **options):
+        flat, opt = adam(comm, **options)
+        if before_step is not None:
+            before_step(opt, bad)
+        before = flat.buffer.copy()
+        g = _grads(flat, rank)
+        if bad and make_grad is not None:
+            g = make_grad(flat, g)
+        error = _outcome(lambda: opt.step(g))
+        seen = {"error": error, "unchanged": bool(np.array_equal(before, flat.buffer)) and opt.step_count == 0}
+        if make_grad is not None:  # only the gradient was bad: the same optimizer steps next
+            seen["opt"] = opt
+        return seen
+
+    def ctor(comm, bad, bad_options):
+        flat = make_flat(np.float32)
+        options = {"lr": 0.01, **(bad_options if bad else {})}
+        cls = options.pop("cls", fo.Adam)
+        return {"error": _outcome(lambda: ShardedOptimizer(cls, groups(flat), comm, **options))}
+
+    def schedule(bad_value):
+        """A schedule that turns bad on the faulty rank after its first call (at construction)."""
+        def make(bad):
+            calls = []
+
+            def lr(step):
+                calls.append(step)
+                return bad_value(step) if bad and len(calls) > 1 else 0.01
+            return lr
+        return make
+
+    def edit(key, value, group=0):
+        def before_step(opt, bad):
+            if bad:
+                opt.param_groups[group][key] = value
+        return before_step
+
+    def toggle_skip(opt, bad):
+        if bad:
+            opt.skip_nonfinite = True
+
+    def load(comm, rank, bad, spoil):
+        flat, opt = adam(comm)
+        opt.step(_grads(flat, rank))
+        full = opt.consolidated_state_dict(root=None)
+        fresh, other = adam(comm)
+        before = fresh.buffer.copy()
+        sd = spoil(full) if bad else full
+        return {"error": _outcome(lambda: other.load_state_dict(sd)),
+                "unchanged": bool(np.array_equal(before, fresh.buffer)) and other.step_count == 0, "opt": other}
+
+    def drop_state(sd):
+        return {**sd, "state": {k: v for i, (k, v) in enumerate(sd["state"].items()) if i}}
+
+    def save(comm, rank, bad, out):
+        flat, opt = adam(comm)
+        directory = os.path.join(out, f"fault-ckpt-{comm.Get_size()}")
+        save_sharded(opt, directory)  # the checkpoint a failed save must leave intact
+        opt.step(_grads(flat, rank))
+        if bad:  # this rank cannot write its temporary file (a directory is in the way)
+            os.makedirs(os.path.join(directory, f"shard-{rank:05d}-of-{comm.Get_size():05d}.npz.{os.getpid()}.tmp"))
+        error = _outcome(lambda: save_sharded(opt, directory))
+        fresh, other = adam(comm)
+        load_sharded(other, directory)
+        return {"error": error, "unchanged": other.step_count == 0 and bool(np.array_equal(fresh.buffer,
+                                                                                          make_flat().buffer)),
+                "opt": other}
+
+    def read_only(opt, bad):
+        if bad:
+            opt.flat.buffer.flags.writeable = False
+
+    def remove_group(opt, bad):
+        if bad:
+            del opt.param_groups[1]
+
+    def replace_params(opt, bad):
+        if bad:
+            opt.param_groups[0]["params"] = opt.param_groups[1]["params"]
+
+    def read_only_ctor(comm, bad):
+        flat = make_flat(np.float32)
+        flat.buffer.flags.writeable = not bad
+        return {"error": _outcome(lambda: ShardedOptimizer(fo.Adam, groups(flat), comm, lr=0.01))}
+
+    def save_elsewhere(comm, rank, bad, out):
+        flat, opt = adam(comm)
+        directory = os.path.join(out, f"elsewhere-{comm.Get_size()}-{int(bad)}")
+        return {"error": _outcome(lambda: save_sharded(opt, directory)),
+                "unchanged": not os.path.exists(directory) or not os.listdir(directory)}
+
+    def load_other_checkpoint(comm, rank, bad, out):
+        world = comm.Get_size()
+        for label, shift in (("a", 0.0), ("b", 1.0)):  # two checkpoints of the same step count
+            flat = make_flat(np.float32)
+            flat.buffer[...] += shift
+            save_sharded(ShardedOptimizer(fo.Adam, groups(flat), comm, lr=0.01),
+                         os.path.join(out, f"other-{world}-{label}"))
+        fresh, other = adam(comm)
+        before = fresh.buffer.copy()
+        error = _outcome(lambda: load_sharded(other, os.path.join(out, f"other-{world}-{'b' if bad else 'a'}")))
+        return {"error": error, "unchanged": bool(np.array_equal(before, fresh.buffer)), "opt": other}
+
+    def two_ranks_fail(comm, rank, world, bad):
+        flat, opt = adam(comm)
+        before = flat.buffer.copy()
+        g = _grads(flat, rank)
+        if rank == 0:
+            g = g.buffer.astype(np.float64)  # TypeError here, ValueError on the last rank
+        elif bad:
+            g = np.zeros(3, np.float32)
+        return {"error": _outcome(lambda: opt.step(g)), "unchanged": bool(np.array_equal(before, flat.buffer)),
+                "opt": opt}
+
+    return {
+        "two_ranks_fail": lambda comm, rank, world, bad, out: two_ranks_fail(comm, rank, world, bad),
+        "read_only_at_construction": lambda comm, rank, world, bad, out: read_only_ctor(comm, bad),
+        "read_only_before_step": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, before_step=read_only),
+        "group_removed": lambda comm, rank, world, bad, out: faulty_step(comm, rank, bad, before_step=remove_group),
+        "group_params_replaced": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, before_step=replace_params),
+        "save_other_directory": lambda comm, rank, world, bad, out: save_elsewhere(comm, rank, bad, out),
+        "load_other_checkpoint": lambda comm, rank, world, bad, out: load_other_checkpoint(comm, rank, bad, out),
+        "grad_size": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, lambda flat, g: np.zeros(flat.buffer.size + 16, np.float32)),
+        "grad_dtype": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, lambda flat, g: g.buffer.astype(np.float64)),
+        "grad_aliased": lambda comm, rank, world, bad, out: faulty_step(comm, rank, bad, lambda flat, g: flat),
+        "nan_on_one_rank": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, lambda flat, g: _grads(flat, rank, nan=True), skip_nonfinite=True),
+        "skip_nonfinite_on_one_rank": lambda comm, rank, world, bad, out: ctor(comm, bad, {"skip_nonfinite": True}),
+        "skip_nonfinite_toggled_on_one_rank": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, before_step=toggle_skip),
+        "clip_on_one_rank": lambda comm, rank, world, bad, out: ctor(comm, bad, {"clip_grad_norm": 1.0}),
+        "invalid_lr_at_construction": lambda comm, rank, world, bad, out: ctor(comm, bad, {"lr": -1.0}),
+        "invalid_class_at_construction": lambda comm, rank, world, bad, out: ctor(comm, bad, {"cls": object}),
+        "different_lr_at_construction": lambda comm, rank, world, bad, out: ctor(comm, bad, {"lr": 0.02}),
+        "different_default_spelled_out": lambda comm, rank, world, bad, out: ctor(  # equal: accepted
+            comm, bad, {"eps": 1e-8, "betas": [0.9, 0.999]}),
+        "invalid_group_edit": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, before_step=edit("lr", -1.0)),
+        "wrong_type_group_edit": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, before_step=edit("betas", "x")),
+        "different_group_edit": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, before_step=edit("weight_decay", 0.5, group=1)),
+        "schedule_differs": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, lr=schedule(lambda step: 0.02)(bad)),
+        "schedule_invalid": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, lr=schedule(lambda step: float("nan"))(bad)),
+        "schedule_raises": lambda comm, rank, world, bad, out: faulty_step(
+            comm, rank, bad, lr=schedule(lambda step: 1 / 0)(bad)),
+        "load_bad_dict": lambda comm, rank, world, bad, out: load(comm, rank, bad, drop_state),
+        "load_not_a_dict": lambda comm, rank, world, bad, out: load(comm, rank, bad, lambda sd: None),
+        "load_other_step_count": lambda comm, rank, world, bad, out: load(
+            comm, rank, bad, lambda sd: {**sd, "step_count": 7}),
+        "gather_other_root": lambda comm, rank, world, bad, out: {
+            "error": _outcome(lambda: adam(comm)[1].consolidated_state_dict(root=int(bad)))},
+        "save_fails_on_one_rank": lambda comm, rank, world, bad, out: save(comm, rank, bad, out),
+    }
+
+
+def faults(out: str, skip: set[str]) -> None:
+    """Run every fault case not in ``skip``; rank 0 rewrites ``OUT/faults-W.pkl`` after each."""
+    import faulthandler
+
+    from mpi4py import MPI
+
+    from fastopt.distributed import ShardedOptimizer
+
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    faulthandler.dump_traceback_later(300, exit=True)  # compiling the kernels, the first time
+    for cls in (fo.Adam, fo.SGD):  # warm up: compile outside the timed cases
+        flat = make_flat(np.float32)
+        ShardedOptimizer(cls, groups(flat), comm, lr=0.01).step(_grads(flat, rank))
+    path = os.path.join(out, f"faults-{world}.pkl")
+    results = {}
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            results = pickle.load(f)
+    for name, case in _fault_cases().items():
+        if name in skip:
+            continue
+        faulthandler.dump_traceback_later(CASE_TIMEOUT, exit=True)
+        if rank == 0:
+            print(f"fault case {name}", file=sys.stderr, flush=True)
+        seen = case(comm, rank, world, rank == world - 1, out)
+        opt = seen.pop("opt", None)
+        # afterwards the ranks are still in step: a valid step works and leaves equal parameters
+        if opt is None:
+            flat = make_flat(np.float32)
+            opt = ShardedOptimizer(fo.Adam, groups(flat), comm, lr=0.01)
+        before = opt.step_count
+        opt.step(_grads(opt.flat, rank, 1))
+        seen["then_stepped"] = opt.step_count == before + 1
+        seen["checksum"] = float(np.sum(opt.flat.buffer.astype(np.float64) * np.arange(opt.flat.buffer.size)))
+        gathered = comm.gather(seen, root=0)
+        if rank == 0:
+            results[name] = gathered
+            with open(path + ".tmp", "wb") as f:
+                pickle.dump(results, f)
+            os.replace(path + ".tmp", path)
+    faulthandler.cancel_dump_traceback_later()
+
+
+def after_agreement_failure() -> None:
+    """A failure on one rank after the ranks agreed to step: that rank aborts the job."""
+    from mpi4py import MPI
+
+    from fastopt.distributed import ShardedOptimizer
+
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    flat = make_flat(np.float32)
+    opt = ShardedOptimizer(fo.Adam, groups(flat), comm, lr=0.01)
+    if rank == world - 1:
+        def broken(grads):
+            raise MemoryError("simulated: the update failed after the ranks agreed")
+        opt.optimizer.step = broken
+    opt.step(_grads(flat, rank))
+    comm.Barrier()
+    print("not aborted", flush=True)
+
+
+def uncaught(install: str) -> None:
+    """An exception outside fastopt on one rank while the others wait in a collective."""
+    from mpi4py import MPI
+
+    from fastopt.distributed import abort_on_exception
+
+    comm = MPI.COMM_WORLD
+    if install == "hook":
+        abort_on_exception(comm)
+    if comm.Get_rank() == comm.Get_size() - 1:
+        raise RuntimeError("a user error outside fastopt")
+    comm.Barrier()
+    print("not aborted", flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+    if sys.argv[1] == "faults":
+        faults(sys.argv[2], set(sys.argv[3:]))
+    elif sys.argv[1] == "after_agreement_failure":
+        after_agreement_failure()
+    elif sys.argv[1] == "uncaught":
+        uncaught(sys.argv[2])
+    else:
+        main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)

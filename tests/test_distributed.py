@@ -294,3 +294,157 @@ def test_shard_layouts_tile_every_tensor_once_with_aligned_pieces():
                 assert lo + offset == layout.offsets[tensor] + starts[name]  # the same buffer position
                 covered[name][starts[name] : starts[name] + size] += 1
         assert all((c == 1).all() for c in covered.values()), world
+
+
+# -- one rank's failure reaches every rank ----------------------------------------------------
+def launch(n: int, *args: str, timeout: float, script: Path = HERE / "mpi_worker.py") -> tuple[int, str, float]:
+    """Run ``mpiexec -n n python script args`` in its own process group; on timeout kill the
+    whole group (mpiexec, its proxies and the ranks). Returns (returncode, output, seconds);
+    returncode None if it ran past ``timeout``."""
+    import signal
+    import time
+
+    reason = missing_mpi()
+    if reason:
+        pytest.skip(reason)
+    cmd = [str(MPIEXEC), "-n", str(n), sys.executable, str(script), *args]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, **MPI_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        rc = None
+    return rc, out, time.perf_counter() - t0
+
+
+#: fault case -> the exception type every rank must raise (None: every rank goes on)
+FAULTS = {
+    "grad_size": "ValueError", "grad_dtype": "TypeError", "grad_aliased": "ValueError",
+    "nan_on_one_rank": None, "skip_nonfinite_on_one_rank": "ValueError",
+    "skip_nonfinite_toggled_on_one_rank": "ValueError", "clip_on_one_rank": "ValueError",
+    "invalid_lr_at_construction": "ValueError", "invalid_class_at_construction": "TypeError",
+    "different_lr_at_construction": "ValueError", "different_default_spelled_out": None,
+    "invalid_group_edit": "ValueError", "wrong_type_group_edit": "TypeError", "different_group_edit": "ValueError",
+    "schedule_differs": "ValueError", "schedule_invalid": "ValueError", "schedule_raises": "ZeroDivisionError",
+    "load_bad_dict": "ValueError", "load_not_a_dict": "TypeError", "load_other_step_count": "ValueError",
+    "gather_other_root": "ValueError", "save_fails_on_one_rank": "IsADirectoryError",
+    "read_only_at_construction": "ValueError", "read_only_before_step": "ValueError",
+    "group_removed": "ValueError", "group_params_replaced": "ValueError",
+    "save_other_directory": "ValueError", "load_other_checkpoint": "ValueError",
+    "two_ranks_fail": "TypeError",  # rank 0's type (the lowest failing rank), the last rank's is ValueError
+}
+#: the ranks that fail, where not only the last one
+FAULT_RANKS = {"two_ranks_fail": lambda world: [0, world - 1]}
+#: what the message must name besides the faulty rank (an option that differs)
+FAULT_WORDS = {"skip_nonfinite_on_one_rank": "skip_nonfinite", "skip_nonfinite_toggled_on_one_rank": "skip_nonfinite",
+               "clip_on_one_rank": "clip_grad_norm", "different_lr_at_construction": "lr",
+               "different_group_edit": "param group 1 weight_decay", "schedule_differs": "param group 0 lr",
+               "load_other_step_count": "step_count", "gather_other_root": "root", "grad_size": "shape",
+               "read_only_at_construction": "read-only", "read_only_before_step": "read-only",
+               "group_removed": "param groups", "group_params_replaced": "replaced",
+               "save_other_directory": "directory", "load_other_checkpoint": "parameters"}
+
+
+#: jobs run_faults starts at most (each case that hangs costs one, and CASE_TIMEOUT seconds)
+MAX_HUNG = 4
+
+
+def run_faults(world: int, base: Path) -> dict:
+    """Every fault case under ``mpiexec -n world``: a case that hangs (the worker's watchdog
+    ends the job after CASE_TIMEOUT seconds) is recorded as hung with the job's output, and
+    the cases after it run in a new job, up to MAX_HUNG jobs; cases not reached then fail."""
+    hung: dict[str, str] = {}
+    path = base / f"faults-{world}.pkl"
+    for _ in range(MAX_HUNG):  # a broken mechanism must not eat CI's budget: stop after a few
+        done = set()
+        if path.exists():
+            with open(path, "rb") as f:
+                done = set(pickle.load(f))
+        todo = [n for n in FAULTS if n not in done and n not in hung]
+        if not todo:
+            break
+        rc, out, _ = launch(world, "faults", str(base), *done, *hung, timeout=60 + W.CASE_TIMEOUT * len(todo))
+        if rc == 0:
+            break
+        now = set()
+        if path.exists():
+            with open(path, "rb") as f:
+                now = set(pickle.load(f))
+        stuck = next((n for n in todo if n not in now), None)
+        if stuck is None:  # every case ran, then the job failed
+            hung["(after the last case)"] = out[-3000:]
+            break
+        hung[stuck] = out[-3000:]  # hung (the watchdog) or crashed
+    results = {}
+    if path.exists():
+        with open(path, "rb") as f:
+            results = pickle.load(f)
+    why = f"not run: {len(hung)} earlier cases hung or crashed ({', '.join(hung)})"
+    for name in FAULTS:
+        if name not in results and name not in hung:
+            hung[name] = why
+    return {"results": results, "hung": hung}
+
+
+@pytest.fixture(scope="module")
+def faults2(tmp_path_factory):
+    return run_faults(2, tmp_path_factory.mktemp("faults2"))
+
+
+@pytest.fixture(scope="module")
+def faults3(tmp_path_factory):
+    return run_faults(3, tmp_path_factory.mktemp("faults3"))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", list(FAULTS))
+def test_a_fault_on_one_rank_raises_on_every_rank_and_changes_nothing(faults2, faults3, world, case):
+    """The last rank misbehaves (a bad gradient, option, edit, schedule, state dict, root or
+    file); every rank must raise the same exception type with the same message naming that
+    rank, nothing may change, and afterwards the ranks must still step together."""
+    run = {2: faults2, 3: faults3}[world]
+    assert case not in run["hung"], f"{case} hung or crashed on {world} ranks:\n{run['hung'][case]}"
+    seen = run["results"][case]
+    assert len(seen) == world
+    errors = [s["error"] for s in seen]
+    want = FAULTS[case]
+    if want is None:
+        assert errors == [None] * world
+    else:
+        assert all(e is not None for e in errors), errors
+        assert {e[0] for e in errors} == {want}, errors
+        assert len({e[1] for e in errors}) == 1, errors  # one message on every rank
+        bad = FAULT_RANKS.get(case, lambda world: [world - 1])(world)
+        named = f"rank {bad[0]}" if len(bad) == 1 else f"ranks {bad}"
+        assert f"{named} of {world}" in errors[0][1] or f"ranks {bad} differ" in errors[0][1], errors[0][1]
+        assert all(e[2] == bad for e in errors), errors
+        assert FAULT_WORDS.get(case, "") in errors[0][1], errors[0][1]
+    for s in seen:
+        if "unchanged" in s:
+            assert s["unchanged"], f"{case}: something changed on a rank"
+        assert s["then_stepped"]
+    assert len({s["checksum"] for s in seen}) == 1, f"{case}: the ranks' parameters differ afterwards"
+
+
+def test_a_failure_after_the_ranks_agreed_aborts_the_job():
+    rc, out, seconds = launch(2, "after_agreement_failure", timeout=120)
+    assert rc is not None, f"the job hung:\n{out[-3000:]}"
+    assert rc != 0 and "not aborted" not in out, out[-3000:]
+    assert "simulated: the update failed" in out and "comm.Abort" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_abort_on_exception_ends_the_job_when_one_rank_raises(world):
+    rc, out, seconds = launch(world, "uncaught", "hook", timeout=120)
+    assert rc is not None, f"the job hung:\n{out[-3000:]}"
+    assert rc != 0 and "not aborted" not in out, out[-3000:]
+    assert "RuntimeError: a user error outside fastopt" in out, out[-3000:]  # the traceback is printed
+
+
+def test_fault_jobs_end_cleanly(faults2, faults3):
+    for run in (faults2, faults3):
+        assert "(after the last case)" not in run["hung"], run["hung"].get("(after the last case)")
