@@ -389,9 +389,19 @@ def _fault_cases():
         directory = os.path.join(out, f"fault-ckpt-{comm.Get_size()}")
         save_sharded(opt, directory)  # the checkpoint a failed save must leave intact
         opt.step(_grads(flat, rank))
-        if bad:  # this rank cannot write its temporary file (a directory is in the way)
-            os.makedirs(os.path.join(directory, f"shard-{rank:05d}-of-{comm.Get_size():05d}.npz.{os.getpid()}.tmp"))
-        error = _outcome(lambda: save_sharded(opt, directory))
+        import fastopt.distributed_checkpoint as dc
+
+        write = dc._write_temporary
+
+        def cannot_write(path, arrays):
+            raise OSError(28, "No space left on device", path)
+
+        if bad:  # this rank cannot write its temporary file
+            dc._write_temporary = cannot_write
+        try:
+            error = _outcome(lambda: save_sharded(opt, directory))
+        finally:
+            dc._write_temporary = write
         fresh, other = adam(comm)
         load_sharded(other, directory)
         return {"error": error, "unchanged": other.step_count == 0 and bool(np.array_equal(fresh.buffer,
