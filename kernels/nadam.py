@@ -57,6 +57,13 @@ def host_state() -> dict:
     return {"mu_product": 1.0}
 
 
+def check_host(host: dict) -> dict:
+    """Loaded host state: ``mu_product``, a product of momentum coefficients in [0, 1), is a
+    real number in [0, 1] (outside it the update's denominators can reach zero)."""
+    mu_product = H.unit_closed("mu_product", host["mu_product"])
+    return {**host, "mu_product": mu_product}
+
+
 def plan(hp: dict, step: int, host: dict):
     lr, wd = hp["lr"], hp["weight_decay"]
     beta1, beta2 = hp["betas"]
