@@ -495,7 +495,7 @@ class FlatEngine:
         state buffers."""
         out = {}
         for gi, segs in enumerate(self.opt._group_slots):
-            names = self._group_buffer_names(gi)
+            names = self._synced[gi]  # what the group's state holds now (edits apply at the next step)
             for seg in segs:
                 cohort = self._cohort_of[seg.index]
                 out[seg.index] = {"step": cohort.step, **cohort.host,
@@ -511,6 +511,8 @@ class FlatEngine:
         from .optimizer import STATE_FORMAT
 
         opt = self.opt
+        for gi in range(len(opt._group_slots)):  # validated, state made what the options need
+            self._group_buffer_names(gi)
         groups = []
         for group, segs in zip(opt.param_groups, opt._group_slots):
             g = {k: (None if k == "lr" and callable(v) else v) for k, v in group.items() if k != "params"}

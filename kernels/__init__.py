@@ -84,11 +84,25 @@ def update(rule: str, param, grad, state: dict, *, step: int, grad_scale: float 
         raise ValueError(f"step must be an integer >= 1 (the number of this update), got {step!r}")
     _validation.check_param(param, "param")
     _validation.check_grad(grad, param, "grad")
+    from ._hyper import _real
+
+    grad_scale = _real("grad_scale", grad_scale)
     host = state.get("host")
     if host is None:
         host = getattr(module, "host_state", dict)()
-    host = dict(host)
-    selected, scalars = module.plan(hp, int(step), host)
+    if not isinstance(host, dict):
+        raise TypeError(f"state['host'] must be a dict, got {type(host).__name__}")
+    host = {**getattr(module, "host_state", dict)(), **host}
+    if hasattr(module, "check_host"):
+        host = module.check_host(host)
+    try:
+        selected, scalars = module.plan(hp, int(step), host)
+    except (ArithmeticError, ValueError) as exc:
+        raise ValueError(f"update {step} cannot be computed from these hyper-parameters and host state "
+                         f"({type(exc).__name__}: {exc})") from None
+    limit = float(np.finfo(param.dtype).max) if isinstance(param, np.ndarray) and param.dtype.kind == "f" else np.inf
+    if not all(-limit <= x <= limit for x in scalars):
+        raise ValueError(f"update {step} has non-finite scalars {scalars} in {param.dtype}; nothing was changed")
     buffers = []
     for name in selected.state:
         if name not in state:
