@@ -197,6 +197,21 @@ class Optimizer:
     **hyper:
         The optimizer's hyper-parameters; ``lr`` may be a callable ``step -> lr``.
 
+    Param groups
+    ------------
+    ``opt.param_groups`` is a list of plain dicts. Any edit of a group's options (assignment,
+    ``|=``, ``update``, ``del``, a ``betas`` list edited in place, a group dict replaced by
+    another holding the same arrays) takes effect at the next step, or that step raises
+    ``TypeError``/``ValueError`` before anything changes: an invalid value, a missing option,
+    another optimizer's option (``momentum`` for Adam), a fixed option changed (AdamW's
+    ``decoupled_weight_decay``). Which arrays a group updates is fixed at construction:
+    replacing or editing a group's ``"params"``, removing, adding or reordering groups makes
+    the next step (and ``state_dict``) raise ``ValueError``; build a new optimizer instead.
+    Other keys (``"name"``, anything that is no fastopt option) are the user's: kept, saved
+    by ``state_dict`` and ``fastopt.save`` (which needs them JSON-able), never read.
+    Switching an option off drops its state buffers; switching it on again starts them
+    afresh at their initial values (torch would reuse the stale ones).
+
     Attributes
     ----------
     transforms : GradTransforms, the validated transform options

@@ -70,7 +70,7 @@ def sumsq_chunks(x, chunk):
         for i in range(np.uint64(lo + 4 * q), np.uint64(hi)):
             v = np.float64(x[i])
             acc += v * v
-            bad += v * 0.0
+            bad += np.float64(abs(v) <= _MAX)
         sums[c] = acc
         flags[c] = bad - (q + (hi - lo - 4 * q))  # 0 when every element is finite
     total = 0.0
