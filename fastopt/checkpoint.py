@@ -235,6 +235,9 @@ def load(opt: Optimizer, path: str | os.PathLike) -> None:
     sd = {"optimizer": name, "format": state_format, "step_count": step_count, "state": state,
           "param_groups": [{**{k: _tuples(v) for k, v in g.items()}, "params": list(k)}
                            for g, k in zip(groups, keys)]}
+    for i, (param, _) in enumerate(params):  # the copies below must not fail after the state is in
+        if isinstance(param, np.ndarray) and not param.flags.writeable:
+            raise ValueError(f"parameter {slots[i].index!r} is read-only; load() writes parameters in place")
     opt.load_state_dict(sd)  # checks everything, then changes the optimizer
     for param, value in params:  # checked above: cannot fail
         np.copyto(param, value)

@@ -452,10 +452,11 @@ class Optimizer:
         plan = self.kernel.plan
         work = []
         last = None  # slots of one group at one step with equal host state share one plan
+        on_host = self._backend is _backend.HOST  # GPU arrays have no read-only flag
         for slot, g in zip(self._slots, grads):
             if g is None:
                 continue
-            if not slot.param.flags.writeable:
+            if on_host and not slot.param.flags.writeable:
                 raise ValueError(f"parameter {slot.index} was made read-only after the optimizer was built; "
                                  "fastopt updates parameters in place")
             hp = hps[slot.group]

@@ -245,3 +245,18 @@ def test_loaded_step_and_host_scalars_are_checked(edit, pattern):
     with pytest.raises(ValueError if "step" in pattern else TypeError, match=pattern):
         opt.load_state_dict(sd)
     assert _state_bytes(opt) == before
+
+
+def test_checkpoint_load_into_a_read_only_parameter_changes_nothing(tmp_path):
+    w, b = np.ones(3, np.float32), np.ones(2, np.float32)
+    opt = fo.Adam([w, b], lr=0.1)
+    opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
+    fo.save(opt, tmp_path / "c.npz")
+    w2, b2 = np.zeros(3, np.float32), np.zeros(2, np.float32)
+    other = fo.Adam([w2, b2], lr=0.1)
+    b2.flags.writeable = False
+    before = _state_bytes(other)
+    with pytest.raises(ValueError, match="read-only"):
+        fo.load(other, tmp_path / "c.npz")
+    assert _state_bytes(other) == before and other.step_count == 0
+    assert not w2.any()
