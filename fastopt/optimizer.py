@@ -27,16 +27,20 @@ STATE_FORMAT = 1
 MAX_STEP = 2**53
 
 
+_LIMITS = {np.dtype(np.float32): float(np.finfo(np.float32).max), np.dtype(np.float64): float(np.finfo(np.float64).max)}
+
+
 class _Slot:
     """One parameter and everything its update needs, allocated once."""
 
     __slots__ = ("param", "flat", "buffers", "flat_buffers", "host", "step", "table", "bounds",
-                 "group", "index", "_args_rule", "_args", "backend", "shape", "dtype")
+                 "group", "index", "_args_rule", "_args", "backend", "shape", "dtype", "limit")
 
     def __init__(self, param, group: int, index: int, ncols: int, backend=_backend.HOST):
         self.param = param
         self.backend = backend
         self.shape, self.dtype = backend.shape_dtype(param)
+        self.limit = _LIMITS.get(np.dtype(self.dtype), _LIMITS[np.dtype(np.float64)])  # largest finite scalar
         self.flat = backend.flat(param)
         self.buffers: dict[str, np.ndarray] = {}
         self.flat_buffers: dict[str, np.ndarray] = {}
@@ -84,18 +88,18 @@ class _GroupCache:
     """What a param group held when it was last validated, and the hyper-parameters the
     kernels read.
 
-    A step compares the group with this snapshot before using ``hp`` (``_same``): a tuple of
-    the group's items (the values' identities, so any assignment, ``|=``, ``update``, ``del``
-    or a replaced dict shows), the contents of list values (``betas`` edited in place) and
-    the identities of the ``params`` it holds. About 0.2 us per group; any difference runs
-    the full validation again.
+    A step compares the group with this snapshot before using ``hp`` (``_same``): a shallow
+    copy of the group (``group == copy`` compares keys and values, identity first, so any
+    assignment, ``|=``, ``update``, ``del`` or a replaced dict shows), the contents of list
+    values (``betas`` edited in place) and the identities of the arrays in ``params``. Any
+    difference runs the full validation again.
     """
 
     __slots__ = ("group", "hp", "items", "lists", "param_ids", "params", "schedule")
 
     def __init__(self):
         self.group = None
-        self.items: tuple = ()
+        self.items: dict = {}
         self.lists: tuple = ()
         self.params = None
         self.param_ids: tuple | None = None
@@ -108,7 +112,7 @@ def _same(group, cache: _GroupCache) -> bool:
     if group is not cache.group:
         return False
     try:
-        if tuple(group.items()) != cache.items:
+        if group != cache.items:  # dict == dict: C lookups, identity first, no allocation
             return False
     except Exception:  # a value whose == is not a bool (an ndarray): changed
         return False
@@ -123,7 +127,7 @@ def _same(group, cache: _GroupCache) -> bool:
 def _snapshot(group: dict, cache: _GroupCache, hp: dict, checks) -> None:
     cache.group = group
     cache.hp = hp
-    cache.items = tuple(group.items())
+    cache.items = dict(group)
     cache.lists = tuple((k, tuple(group[k])) for k in checks if isinstance(group[k], list))
     cache.params = params = group["params"]
     cache.param_ids = tuple(map(id, params)) if isinstance(params, list) else None
@@ -156,7 +160,6 @@ def _check_lr_value(value) -> float:
     return H.learning_rate("lr", value)
 
 
-_LIMITS = {np.dtype(np.float32): float(np.finfo(np.float32).max), np.dtype(np.float64): float(np.finfo(np.float64).max)}
 
 
 def _checked_plan(plan, hp: dict, step: int, host: dict, dtype, where) -> tuple:
@@ -466,7 +469,14 @@ class Optimizer:
                 work.append((slot, g, hp, last[3], last[4], last[5]))
                 continue
             new_host = dict(host)
-            rule, scalars = _checked_plan(plan, hp, step, new_host, slot.dtype, slot.index)
+            try:
+                rule, scalars = plan(hp, step, new_host)
+            except (ArithmeticError, ValueError):  # OverflowError, ZeroDivisionError, math domain
+                rule, scalars = _checked_plan(plan, hp, step, dict(host), slot.dtype, slot.index)  # the message
+            limit = slot.limit
+            for x in scalars:
+                if not -limit <= x <= limit:  # non-finite in the dtype the kernel reads: the message
+                    _checked_plan(plan, hp, step, dict(host), slot.dtype, slot.index)
             last = (hp, step, host, rule, scalars, new_host, slot.dtype)
             work.append((slot, g, hp, rule, scalars, new_host))
         scale, noise = 1.0, None
