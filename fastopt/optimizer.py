@@ -312,7 +312,12 @@ class Optimizer:
         out = []
         for gi, group in enumerate(groups):
             cache = caches[gi]
-            if not _same(group, cache):
+            try:  # _same, inlined (a step's hot path): dict ==, then params and list values
+                same = (group is cache.group and group == cache.items
+                        and (cache.param_ids is None or tuple(map(id, group["params"])) == cache.param_ids))
+            except Exception:
+                same = False
+            if not same or (cache.lists and not _same(group, cache)):
                 self._validate_group(gi, group, cache, self._group_params(gi))
             hp = cache.hp
             if cache.schedule is not None:
