@@ -123,7 +123,6 @@ class FlatEngine:
     """
 
     def __init__(self, opt, params):
-        from .optimizer import ParamGroup, _GroupCache
 
         self.opt = opt
         self.kernel = opt.kernel
@@ -137,17 +136,14 @@ class FlatEngine:
         self.backend = opt._backend
         self.layout: FlatLayout = flat.layout
         layout = self.layout
-        checks = self.kernel.CHECKS
         opt.param_groups = []
         opt._slots = []
         opt._group_slots = []
+        opt._caches = []
+        self.selections = [selection for selection, _ in groups]  # what each group's params must stay
         owner: dict[str, int] = {}
         for gi, (selection, overrides) in enumerate(groups):
-            unknown = sorted(set(overrides) - set(checks))
-            if unknown:
-                raise TypeError(f"param group {gi} has unknown option(s) {', '.join(unknown)}")
-            group = {**opt.defaults, **overrides, **opt.forced}
-            opt._check_hyper(group, f"param group {gi}: ")
+            group = opt._new_group(gi, selection, overrides)
             segments = []
             for name in selection.names:
                 if name in owner:
@@ -156,17 +152,17 @@ class FlatEngine:
                 owner[name] = gi
                 position = layout.index(name)
                 segments.append(_Segment(name, flat[name], gi, position, layout.offsets[position]))
-            opt.param_groups.append(ParamGroup({"params": selection, **group}))
+            opt.param_groups.append(group)
             opt._group_slots.append(segments)
             opt._slots.extend(segments)
         if not opt._slots:
             raise ValueError("optimizer got an empty parameter list")
         opt._ncols = max(rule.ncols for rule in self.kernel.RULES) + opt.transforms.extra_columns
-        opt._caches = [_GroupCache() for _ in opt.param_groups]
         opt._step_count = 0
         self._build_rows()
         self.buffers: dict[str, np.ndarray] = {}
         self._initialized: set[tuple[int, str]] = set()
+        self._synced: dict[int, tuple] = {}  # group -> the state names its buffers were last made for
         init_host = getattr(self.kernel, "host_state", dict)
         self.cohorts = [
             _Cohort(gi, segs, 0, init_host(), self.real_row, self.pad_row)
@@ -174,7 +170,7 @@ class FlatEngine:
         ]
         self._cohort_of = {s.index: c for c in self.cohorts for s in c.segments}
         for gi in range(len(opt.param_groups)):
-            self._ensure_state(gi, self.kernel.buffers(opt._resolve(gi)))
+            self._sync_state(gi, self.kernel.buffers(opt._group_hp(gi)))
         self._runs_cache: dict[tuple, list] = {}
 
     # -- structure ----------------------------------------------------------------------
@@ -265,7 +261,8 @@ class FlatEngine:
         """Allocate missing flat state buffers and fill group ``gi``'s tensors with their
         initial values the first time the group needs them."""
         for name, value in initial.items():
-            if name not in self.buffers:
+            fresh = name not in self.buffers  # zeros everywhere
+            if fresh:
                 if self.device:
                     from . import _flat_cuda
 
@@ -274,7 +271,7 @@ class FlatEngine:
                     self.buffers[name] = aligned_zeros(self.layout.size, self.layout.dtype, self.layout.align)
             if (gi, name) not in self._initialized:
                 buf = self.buffers[name]
-                if value != 0:
+                if value != 0 or not fresh:
                     for seg in self.opt._group_slots[gi]:
                         if self.device:
                             from . import _flat_cuda
@@ -283,6 +280,21 @@ class FlatEngine:
                         else:
                             buf[seg.start : seg.start + seg.size] = value
                 self._initialized.add((gi, name))
+
+    def _sync_state(self, gi: int, needed: dict[str, float]) -> None:
+        """Make group ``gi``'s state exactly ``needed`` (name -> initial value): buffers an
+        option switched off no longer count as initialized for the group (switched on again
+        they restart at their initial value), and the rule may reset host scalars that went
+        with them (``kernel.discard``); missing ones are filled."""
+        dropped = [n for g, n in self._initialized if g == gi and n not in needed]
+        for name in dropped:
+            self._initialized.discard((gi, name))
+        if dropped and hasattr(self.kernel, "discard"):
+            for cohort in self.cohorts:
+                if cohort.group == gi:
+                    cohort.host = self.kernel.discard(cohort.host, dropped)
+        self._ensure_state(gi, needed)
+        self._synced[gi] = tuple(needed)
 
     def _runs(self, variants: tuple) -> list[tuple]:
         """Launches for one assignment of rule variants to cohorts (cached): maximal runs of
@@ -406,30 +418,39 @@ class FlatEngine:
 
     def step(self, grads) -> None:
         """One update of every tensor in a group, in as few launches as the variants allow."""
+        from .optimizer import _checked_plan
+
         g = self._grad_buffer(grads)
         padding_zero = self._check_padding(g)
         opt = self.opt
         kernel = self.kernel
-        hps = [opt._resolve(gi) for gi in range(len(opt.param_groups))]
+        hps = opt._hypers()
+        if not self.device and not self.flat.buffer.flags.writeable:
+            raise ValueError("the FlatParams buffer was made read-only after the optimizer was built; "
+                             "fastopt updates parameters in place")
+        plans = []  # every cohort planned and checked before anything changes
+        dtype = self.layout.dtype
+        for cohort in self.cohorts:
+            hp = hps[cohort.group]
+            host = dict(cohort.host)
+            where = cohort.segments[0].index if cohort.segments else cohort.group
+            rule, scalars = _checked_plan(kernel.plan, hp, cohort.step + 1, host, dtype, where)
+            frozen_rule, frozen = _checked_plan(kernel.plan, self._frozen(hp), cohort.step + 1, dict(cohort.host),
+                                                dtype, where)
+            if frozen_rule is not rule:  # a rule whose variant depends on lr/eps: never so far
+                raise RuntimeError(f"{kernel.__name__}.plan picks another variant for padding rows")
+            plans.append((cohort, hp, rule, scalars, frozen, host))
         scale, noise = 1.0, None
         if opt.transforms.active:  # clip_grad_norm, skip_nonfinite, grad_noise: fastopt.transforms
             begun = opt.transforms.begin_step(opt, self._norm_arrays(g, padding_zero))
             if begun is None:  # skipped: nothing changes
                 return
             scale, noise = begun
-        plans = []
-        for cohort in self.cohorts:
-            hp = hps[cohort.group]
-            host = dict(cohort.host)
-            rule, scalars = kernel.plan(hp, cohort.step + 1, host)
-            frozen_rule, frozen = kernel.plan(self._frozen(hp), cohort.step + 1, dict(cohort.host))
-            if frozen_rule is not rule:  # a rule whose variant depends on lr/eps: never so far
-                raise RuntimeError(f"{kernel.__name__}.plan picks another variant for padding rows")
-            plans.append((cohort, hp, rule, scalars, frozen, host))
         table = self.table
+        synced = self._synced
         for cohort, hp, rule, scalars, frozen, _ in plans:
-            if rule.state and any((cohort.group, s) not in self._initialized for s in rule.state):
-                self._ensure_state(cohort.group, kernel.buffers(hp))
+            if synced.get(cohort.group) != rule.state:  # an option was switched on or off
+                self._sync_state(cohort.group, kernel.buffers(hp))
             k = len(scalars) + 1
             sign = -1.0 if hp["maximize"] else 1.0
             row = self._row
@@ -469,8 +490,9 @@ class FlatEngine:
 
     # -- state --------------------------------------------------------------------------
     def _group_buffer_names(self, gi: int) -> dict[str, float]:
-        names = self.kernel.buffers(self.opt._resolve(gi))
-        self._ensure_state(gi, names)
+        names = self.kernel.buffers(self.opt._group_hp(gi))
+        if self._synced.get(gi) != tuple(names):
+            self._sync_state(gi, names)
         return names
 
     def _view(self, name: str, seg: _Segment) -> np.ndarray:
@@ -481,7 +503,7 @@ class FlatEngine:
         state buffers."""
         out = {}
         for gi, segs in enumerate(self.opt._group_slots):
-            names = self._group_buffer_names(gi)
+            names = self._synced[gi]  # what the group's state holds now (edits apply at the next step)
             for seg in segs:
                 cohort = self._cohort_of[seg.index]
                 out[seg.index] = {"step": cohort.step, **cohort.host,
@@ -497,6 +519,8 @@ class FlatEngine:
         from .optimizer import STATE_FORMAT
 
         opt = self.opt
+        for gi in range(len(opt._group_slots)):  # validated, state made what the options need
+            self._group_buffer_names(gi)
         groups = []
         for group, segs in zip(opt.param_groups, opt._group_slots):
             g = {k: (None if k == "lr" and callable(v) else v) for k, v in group.items() if k != "params"}
@@ -511,12 +535,15 @@ class FlatEngine:
     def load_state_dict(self, state_dict: dict) -> None:
         """Check ``state_dict`` whole (as the list path does), then copy it in."""
         opt = self.opt
+        from .optimizer import _replace_group
+
         plan = opt._check_state_dict(state_dict)
         for gi, new_group in plan["groups"]:
-            opt.param_groups[gi].update(new_group)
+            _replace_group(opt.param_groups[gi], new_group)
         per_segment = {}
         for seg, step, host, buffers in plan["slots"]:
-            self._ensure_state(seg.group, dict.fromkeys(buffers, 0.0))
+            if self._synced.get(seg.group) != tuple(buffers):
+                self._sync_state(seg.group, dict.fromkeys(buffers, 0.0))
             for name, value in buffers.items():
                 self.backend.copy_in(self._view(name, seg), value)
             per_segment[seg.index] = (step, host)

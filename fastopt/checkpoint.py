@@ -61,12 +61,16 @@ def _keys(opt: Optimizer) -> list[list]:
 def _jsonable(value, where: str):
     if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, np.bool_):
+        return bool(value)
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
         return float(value)
     if isinstance(value, (tuple, list)):
         return [_jsonable(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):  # a user key's value
+        return {k: _jsonable(v, where) for k, v in value.items()}
     raise TypeError(f"cannot save {where} = {value!r} ({type(value).__name__}) in a checkpoint")
 
 

@@ -23,18 +23,24 @@ from .kernels import _hyper as H
 from .transforms import GradTransforms
 
 STATE_FORMAT = 1
+#: The largest step count a state dict may hold (float64 counts every integer up to it).
+MAX_STEP = 2**53
+
+
+_LIMITS = {np.dtype(np.float32): float(np.finfo(np.float32).max), np.dtype(np.float64): float(np.finfo(np.float64).max)}
 
 
 class _Slot:
     """One parameter and everything its update needs, allocated once."""
 
     __slots__ = ("param", "flat", "buffers", "flat_buffers", "host", "step", "table", "bounds",
-                 "group", "index", "_args_rule", "_args", "backend", "shape", "dtype")
+                 "group", "index", "_args_rule", "_args", "backend", "shape", "dtype", "limit")
 
     def __init__(self, param, group: int, index: int, ncols: int, backend=_backend.HOST):
         self.param = param
         self.backend = backend
         self.shape, self.dtype = backend.shape_dtype(param)
+        self.limit = _LIMITS.get(np.dtype(self.dtype), _LIMITS[np.dtype(np.float64)])  # largest finite scalar
         self.flat = backend.flat(param)
         self.buffers: dict[str, np.ndarray] = {}
         self.flat_buffers: dict[str, np.ndarray] = {}
@@ -54,6 +60,19 @@ class _Slot:
                 self.buffers[name] = buf
                 self.flat_buffers[name] = self.backend.flat(buf)
 
+    def sync_buffers(self, needed: dict[str, float], kernel) -> None:
+        """Make the state buffers exactly ``needed`` (name -> initial value): an option
+        switched on gets its buffer at its initial value, one switched off loses its buffer
+        (and the rule may reset host scalars that went with it, ``kernel.discard``)."""
+        dropped = [name for name in self.buffers if name not in needed]
+        for name in dropped:
+            del self.buffers[name]
+            del self.flat_buffers[name]
+        if dropped and hasattr(kernel, "discard"):
+            self.host = kernel.discard(self.host, dropped)
+        self.ensure_buffers(needed)
+        self._args_rule = None
+
     def run(self, rule: _build.Rule, grad) -> None:
         """One fused update of this parameter by ``rule`` from the flat gradient ``grad``
         (the launcher and the state arguments are cached per rule)."""
@@ -65,59 +84,100 @@ class _Slot:
         launch(self.flat, grad, states, self.bounds, self.table)
 
 
-class ParamGroup(dict):
-    """A param group: a plain dict that notes when it is edited, so that a step re-validates
-    its hyper-parameters only after a change (``opt.param_groups[0]["lr"] = 0.1``)."""
-
-    __slots__ = ("edited",)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.edited = True
-
-    def __setitem__(self, key, value):
-        self.edited = True
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key):
-        self.edited = True
-        super().__delitem__(key)
-
-    def update(self, *args, **kwargs):
-        self.edited = True
-        super().update(*args, **kwargs)
-
-    def setdefault(self, key, default=None):
-        self.edited = True
-        return super().setdefault(key, default)
-
-    def pop(self, *args):
-        self.edited = True
-        return super().pop(*args)
-
-    def popitem(self):
-        self.edited = True
-        return super().popitem()
-
-    def clear(self):
-        self.edited = True
-        super().clear()
-
-
 class _GroupCache:
-    """The validated hyper-parameters of a group, recomputed only when the user edits it."""
+    """What a param group held when it was last validated, and the hyper-parameters the
+    kernels read.
 
-    __slots__ = ("group", "signature", "hp", "schedule")
+    A step compares the group with this snapshot before using ``hp`` (``_same``): a shallow
+    copy of the group (``group == copy`` compares keys and values, identity first, so any
+    assignment, ``|=``, ``update``, ``del`` or a replaced dict shows), the contents of list
+    values (``betas`` edited in place) and the identities of the arrays in ``params``. Any
+    difference runs the full validation again.
+    """
+
+    __slots__ = ("group", "hp", "items", "lists", "param_ids", "params", "schedule")
 
     def __init__(self):
         self.group = None
-        self.signature = None
+        self.items: dict = {}
+        self.lists: tuple = ()
+        self.params = None
+        self.param_ids: tuple | None = None
         self.hp: dict = {}
         self.schedule = None
 
 
+def _same(group, cache: _GroupCache) -> bool:
+    """Whether ``group`` is exactly what ``cache`` validated (see :class:`_GroupCache`)."""
+    if group is not cache.group:
+        return False
+    try:
+        if group != cache.items:  # dict == dict: C lookups, identity first, no allocation
+            return False
+    except Exception:  # a value whose == is not a bool (an ndarray): changed
+        return False
+    if cache.param_ids is not None and tuple(map(id, group["params"])) != cache.param_ids:
+        return False
+    for key, snapshot in cache.lists:
+        if tuple(group[key]) != snapshot:
+            return False
+    return True
+
+
+def _snapshot(group: dict, cache: _GroupCache, hp: dict, checks) -> None:
+    cache.group = group
+    cache.hp = hp
+    cache.items = dict(group)
+    cache.lists = tuple((k, tuple(group[k])) for k in checks if isinstance(group[k], list))
+    cache.params = params = group["params"]
+    cache.param_ids = tuple(map(id, params)) if isinstance(params, list) else None
+    lr = group["lr"]
+    cache.schedule = lr if callable(lr) else None
+
+
+#: Every option name of every fastopt optimizer and transform: a param group key that is one
+#: of these but not an option of the group's optimizer is a mistake (``momentum`` for Adam)
+#: and raises; any other extra key (``"name"``) is the user's, kept and never read.
+def _all_options() -> frozenset:
+    from .kernels import RULES
+
+    names = {k for module in RULES.values() for k in module.CHECKS}
+    return frozenset(names | {"clip_grad_norm", "skip_nonfinite", "grad_noise", "seed"})
+
+
+_OPTIONS = _all_options()
+
+
+def _replace_group(group: dict, new: dict) -> None:
+    """Make ``group`` hold its ``params`` and the items of ``new`` (in place: same object)."""
+    params = group["params"]
+    group.clear()
+    group["params"] = params
+    group.update(new)
+
+
 def _check_lr_value(value) -> float:
     return H.learning_rate("lr", value)
+
+
+
+
+def _checked_plan(plan, hp: dict, step: int, host: dict, dtype, where) -> tuple:
+    """``plan(hp, step, host)`` whose every scalar is finite in ``dtype`` (what the kernel
+    reads after the cast), else a ValueError naming the parameter and the scalar."""
+    try:
+        rule, scalars = plan(hp, step, host)
+    except (ArithmeticError, ValueError) as exc:  # OverflowError, ZeroDivisionError, math domain
+        raise ValueError(f"parameter {where!r}: update {step} cannot be computed from these hyper-parameters "
+                         f"and state ({type(exc).__name__}: {exc})") from None
+    limit = _LIMITS.get(dtype, _LIMITS[np.dtype(np.float64)])
+    for x in scalars:
+        if not -limit <= x <= limit:
+            name = rule.scalars[scalars.index(x)] if x == x else "a scalar"
+            raise ValueError(f"parameter {where!r}: update {step} has a non-finite {name} ({x!r} in {dtype}): "
+                             "the hyper-parameters or the loaded state (step, host scalars) overflow; "
+                             "nothing was changed")
+    return rule, scalars
 
 
 class Optimizer:
@@ -140,6 +200,21 @@ class Optimizer:
     **hyper:
         The optimizer's hyper-parameters; ``lr`` may be a callable ``step -> lr``.
 
+    Param groups
+    ------------
+    ``opt.param_groups`` is a list of plain dicts. Any edit of a group's options (assignment,
+    ``|=``, ``update``, ``del``, a ``betas`` list edited in place, a group dict replaced by
+    another holding the same arrays) takes effect at the next step, or that step raises
+    ``TypeError``/``ValueError`` before anything changes: an invalid value, a missing option,
+    another optimizer's option (``momentum`` for Adam), a fixed option changed (AdamW's
+    ``decoupled_weight_decay``). Which arrays a group updates is fixed at construction:
+    replacing or editing a group's ``"params"``, removing, adding or reordering groups makes
+    the next step (and ``state_dict``) raise ``ValueError``; build a new optimizer instead.
+    Other keys (``"name"``, anything that is no fastopt option) are the user's: kept, saved
+    by ``state_dict`` and ``fastopt.save`` (which needs them JSON-able), never read.
+    Switching an option off drops its state buffers; switching it on again starts them
+    afresh at their initial values (torch would reuse the stale ones).
+
     Attributes
     ----------
     transforms : GradTransforms, the validated transform options
@@ -161,7 +236,6 @@ class Optimizer:
         self.last_grad_norm: float | None = None
         self.last_step_skipped = False
         self.skipped_steps = 0
-        checks = self.kernel.CHECKS
         defaults = {**hyper, **self.forced}
         self._check_hyper(defaults, "")
         self.defaults = defaults
@@ -176,13 +250,10 @@ class Optimizer:
         self.param_groups: list[dict] = []
         self._slots: list[_Slot] = []
         self._group_slots: list[list[_Slot]] = []
+        self._caches: list[_GroupCache] = []
         names = []
         for gi, (arrays, overrides) in enumerate(groups):
-            unknown = sorted(set(overrides) - set(checks))
-            if unknown:
-                raise TypeError(f"param group {gi} has unknown option(s) {', '.join(unknown)}")
-            group = {**defaults, **overrides, **self.forced}
-            self._check_hyper(group, f"param group {gi}: ")
+            group = self._new_group(gi, list(arrays), overrides)
             slots = []
             for pi, p in enumerate(arrays):
                 where = f"param group {gi}, parameter {pi}" if len(groups) > 1 else f"parameter {len(self._slots)}"
@@ -191,20 +262,27 @@ class Optimizer:
                 slot = _Slot(p, gi, len(self._slots), self._ncols, backend)
                 self._slots.append(slot)
                 slots.append(slot)
-            self.param_groups.append(ParamGroup({"params": list(arrays), **group}))
+            self.param_groups.append(group)
             self._group_slots.append(slots)
         if not self._slots:
             raise ValueError("optimizer got an empty parameter list")
         backend.check_no_overlap([s.param for s in self._slots], names)
         self.transforms.bind([int(s.bounds[-1]) for s in self._slots])
-        self._caches = [_GroupCache() for _ in self.param_groups]
         self._step_count = 0
+        init_host = getattr(self.kernel, "host_state", dict)
         for gi, slots in enumerate(self._group_slots):
-            hp = self._resolve(gi)
-            init_host = getattr(self.kernel, "host_state", dict)
+            hp = self._group_hp(gi)
             for slot in slots:
                 slot.ensure_buffers(self.kernel.buffers(hp))
                 slot.host = init_host()
+
+    def _new_group(self, gi: int, params, overrides: dict) -> dict:
+        """The param group dict of ``params`` with ``overrides`` over the defaults, checked
+        (its validated hyper-parameters cached for the first step)."""
+        group = {"params": params, **self.defaults, **overrides}
+        self._caches.append(_GroupCache())
+        self._validate_group(gi, group, self._caches[gi], params)
+        return group
 
     # -- hyper-parameters ---------------------------------------------------------------
     def _check_hyper(self, hp: dict, where: str) -> dict:
@@ -220,33 +298,92 @@ class Optimizer:
             raise type(exc)(f"{where}{exc}") from None
         return checked
 
-    def _resolve(self, gi: int) -> dict:
-        """The validated hyper-parameters of group ``gi`` for the coming step (lr evaluated)."""
-        group = self.param_groups[gi]
-        cache = self._caches[gi]
-        if group is not cache.group or getattr(group, "edited", True):
-            self._revalidate(gi, group, cache)
-        hp = cache.hp
-        if cache.schedule is not None:
-            hp["lr"] = _check_lr_value(cache.schedule(self._step_count))
-        return hp
+    def _hypers(self) -> list[dict]:
+        """The validated hyper-parameters of every group for the coming step (a schedule's
+        ``lr`` evaluated and checked). Raises, before anything changes, if a group was edited
+        to an invalid value, lost an option, got another optimizer's option or a fixed option
+        (``forced``) changed, or if the groups' structure changed: a group added, removed or
+        replaced by one holding other parameters, or a group's ``params`` replaced or edited.
+        """
+        groups = self.param_groups
+        caches = self._caches
+        if type(groups) is not list or len(groups) != len(caches):
+            self._check_structure()
+        out = []
+        for gi, group in enumerate(groups):
+            cache = caches[gi]
+            try:  # _same, inlined (a step's hot path): dict ==, then params and list values
+                same = (group is cache.group and group == cache.items
+                        and (cache.param_ids is None or tuple(map(id, group["params"])) == cache.param_ids))
+            except Exception:
+                same = False
+            if not same or (cache.lists and not _same(group, cache)):
+                self._validate_group(gi, group, cache, self._group_params(gi))
+            hp = cache.hp
+            if cache.schedule is not None:
+                hp["lr"] = _check_lr_value(cache.schedule(self._step_count))
+            out.append(hp)
+        return out
 
-    def _revalidate(self, gi: int, group: dict, cache: _GroupCache) -> None:
-        try:
-            signature = tuple(group[k] for k in self.kernel.CHECKS)
-        except KeyError as exc:
-            raise ValueError(f"param group {gi} has no {exc.args[0]!r} entry") from None
-        if signature != cache.signature:
-            unknown = set(group) - set(self.kernel.CHECKS) - {"params"}
-            if unknown:
-                raise TypeError(f"param group {gi} has unknown option(s) {', '.join(sorted(unknown))}")
-            cache.hp = self._check_hyper({k: group[k] for k in self.kernel.CHECKS}, f"param group {gi}: ")
-            cache.signature = signature
-            lr = group["lr"]
-            cache.schedule = lr if callable(lr) else None
-        cache.group = group
-        if isinstance(group, ParamGroup):
-            group.edited = False
+    def _group_hp(self, gi: int) -> dict:
+        """Group ``gi``'s validated hyper-parameters (a schedule's ``lr`` not evaluated)."""
+        self._check_structure()
+        group, cache = self.param_groups[gi], self._caches[gi]
+        if not _same(group, cache):
+            self._validate_group(gi, group, cache, self._group_params(gi))
+        return cache.hp
+
+    def _group_params(self, gi: int):
+        """What group ``gi``'s ``"params"`` must hold: its arrays in order (over a FlatParams,
+        its selection)."""
+        if self._flat is not None:
+            return self._flat.selections[gi]
+        return [s.param for s in self._group_slots[gi]]
+
+    def _check_structure(self) -> None:
+        groups = self.param_groups
+        if not isinstance(groups, list):
+            raise TypeError(f"opt.param_groups must be a list of dicts, got {type(groups).__name__}")
+        if len(groups) != len(self._caches):
+            raise ValueError(f"opt.param_groups has {len(groups)} groups but this optimizer was built with "
+                             f"{len(self._caches)}; fastopt does not add or remove param groups after "
+                             "construction (build a new optimizer over the new groups)")
+
+    def _validate_group(self, gi: int, group, cache: _GroupCache, params) -> None:
+        """Check group ``gi`` whole (structure, keys, values) and cache the result; on error
+        the cache keeps the last valid state."""
+        where = f"param group {gi}"
+        if not isinstance(group, dict):
+            raise TypeError(f"opt.param_groups[{gi}] must be a dict, got {type(group).__name__}")
+        if "params" not in group:
+            raise ValueError(f"{where} has no 'params' entry")
+        self._check_group_params(gi, group["params"], params)
+        checks = self.kernel.CHECKS
+        missing = [k for k in checks if k not in group]
+        if missing:
+            raise ValueError(f"{where} has no {missing[0]!r} entry")
+        foreign = sorted(k for k in group if k in _OPTIONS and k not in checks)
+        if foreign:
+            raise TypeError(f"{where} has unknown option(s) {', '.join(foreign)} "
+                            f"({type(self).__name__} does not take them)")
+        hp = self._check_hyper({k: group[k] for k in checks}, f"{where}: ")
+        for k, v in self.forced.items():
+            if hp[k] != v:
+                raise ValueError(f"{where}: {type(self).__name__} always has {k}={v!r}, got {group[k]!r}")
+        _snapshot(group, cache, hp, checks)
+
+    def _check_group_params(self, gi: int, value, expected) -> None:
+        """A group's ``params`` must still be the arrays it was built with, in order."""
+        if not isinstance(expected, list):  # a FlatSelection: the same buffer and names
+            same = value is expected or (type(value) is type(expected) and value.flat is expected.flat
+                                         and value.names == expected.names)
+        else:
+            same = (isinstance(value, (list, tuple)) and len(value) == len(expected)
+                    and all(a is b for a, b in zip(value, expected)))
+        if not same:
+            raise ValueError(f"param group {gi}'s 'params' no longer holds the arrays it was built with; "
+                             "fastopt does not change which arrays a group updates after construction "
+                             "(build a new optimizer)")
 
     # -- structure ----------------------------------------------------------------------
     @staticmethod
@@ -305,28 +442,58 @@ class Optimizer:
         """Update every parameter in place from its gradient; ``None`` skips a parameter.
 
         ``grads`` has the structure of ``params``: one array, a sequence with one array per
-        parameter (in group order), or one sequence per param group. Everything is checked
-        before any parameter or state buffer changes. With ``skip_nonfinite`` a step whose
-        gradients hold NaN or inf returns without changing anything but the skip counters.
+        parameter (in group order), or one sequence per param group.
+
+        The step is all or nothing. Everything is checked first: every gradient, every
+        group's hyper-parameters and structure (see ``param_groups`` edits in the class
+        doc), that every parameter is still writable, and every parameter's update scalars
+        (``plan``: bias corrections, schedule values, host state such as NAdam's
+        ``mu_product``), which must be finite in the parameter's dtype. Any failure raises
+        ``TypeError``/``ValueError`` before any parameter, state buffer, host scalar or
+        counter changes. With ``skip_nonfinite`` a step whose gradients hold NaN or inf
+        returns without changing anything but the skip counters.
         """
         if self._flat is not None:
             return self._flat.step(grads)
         grads = self._match_grads(grads)
-        hps = [self._resolve(gi) for gi in range(len(self.param_groups))]
+        hps = self._hypers()
+        plan = self.kernel.plan
+        work = []
+        last = None  # slots of one group at one step with equal host state share one plan
+        on_host = self._backend is _backend.HOST  # GPU arrays have no read-only flag
+        for slot, g in zip(self._slots, grads):
+            if g is None:
+                continue
+            if on_host and not slot.param.flags.writeable:
+                raise ValueError(f"parameter {slot.index} was made read-only after the optimizer was built; "
+                                 "fastopt updates parameters in place")
+            hp = hps[slot.group]
+            step = slot.step + 1
+            host = slot.host
+            if last is not None and last[0] is hp and last[1] == step and last[2] == host and last[6] is slot.dtype:
+                work.append((slot, g, hp, last[3], last[4], last[5]))
+                continue
+            new_host = dict(host)
+            try:
+                rule, scalars = plan(hp, step, new_host)
+            except (ArithmeticError, ValueError):  # OverflowError, ZeroDivisionError, math domain
+                rule, scalars = _checked_plan(plan, hp, step, dict(host), slot.dtype, slot.index)  # the message
+            limit = slot.limit
+            for x in scalars:
+                if not -limit <= x <= limit:  # non-finite in the dtype the kernel reads: the message
+                    _checked_plan(plan, hp, step, dict(host), slot.dtype, slot.index)
+            last = (hp, step, host, rule, scalars, new_host, slot.dtype)
+            work.append((slot, g, hp, rule, scalars, new_host))
         scale, noise = 1.0, None
         if self.transforms.active:
             begun = self.transforms.begin_step(self, grads)
             if begun is None:
                 return
             scale, noise = begun
-        plan = self.kernel.plan
-        for slot, g in zip(self._slots, grads):
-            if g is None:
-                continue
-            hp = hps[slot.group]
-            rule, scalars = plan(hp, slot.step + 1, slot.host)
-            if rule.state and rule.state[-1] not in slot.buffers:  # an option was switched on
-                slot.ensure_buffers(self.kernel.buffers(hp))
+        buffers = self.kernel.buffers
+        for slot, g, hp, rule, scalars, new_host in work:
+            if rule is not slot._args_rule:  # a variant change: an option was switched on or off
+                slot.sync_buffers(buffers(hp), self.kernel)
             table = slot.table
             table[0, 0] = -scale if hp["maximize"] else scale
             table[0, 1 : len(scalars) + 1] = scalars
@@ -335,6 +502,7 @@ class Optimizer:
             else:
                 noise.run(slot, rule, g, -1.0 if hp["maximize"] else 1.0)
             slot.step += 1
+            slot.host = new_host
         self._step_count += 1
 
     @property
@@ -355,9 +523,21 @@ class Optimizer:
     def state_dict(self) -> dict:
         """A plain dict of NumPy arrays and numbers: hyper-parameters, steps and copies of
         every state buffer, keyed by parameter position (torch's layout). A callable ``lr``
-        is saved as ``None``. Over a FlatParams, keyed by tensor name."""
+        is saved as ``None``. Over a FlatParams, keyed by tensor name.
+
+        The groups are validated first (as at a step: an invalid edit raises) and each
+        parameter's state is made what the current options need, so the dict always loads
+        into an optimizer like this one: an option switched on since the last step gets its
+        buffers at their initial values, one switched off loses them. A group's own keys
+        (``"name"``, anything that is no optimizer's option) are saved as they are."""
         if self._flat is not None:
             return self._flat.state_dict()
+        buffers = self.kernel.buffers
+        for gi, slots in enumerate(self._group_slots):
+            needed = buffers(self._group_hp(gi))
+            for slot in slots:
+                if slot.buffers.keys() != needed.keys():
+                    slot.sync_buffers(needed, self.kernel)
         groups = []
         for group, slots in zip(self.param_groups, self._group_slots):
             g = {k: (None if k == "lr" and callable(v) else v) for k, v in group.items() if k != "params"}
@@ -375,17 +555,20 @@ class Optimizer:
 
         The dict is checked whole (optimizer type, groups, parameter count, buffer names,
         shapes and dtypes) before anything changes, so a bad dict leaves the optimizer as it
-        was. Buffers are copied into the existing arrays.
+        was. Buffers are copied into the existing arrays; the state ends up holding exactly
+        the dict's buffers. Each group becomes the dict's group (its own keys included, the
+        current ``lr`` kept where the dict has ``None``); the group dicts stay the same
+        objects. A fixed option (AdamW's ``decoupled_weight_decay=True``) must match.
         """
         if self._flat is not None:
             return self._flat.load_state_dict(state_dict)
         plan = self._check_state_dict(state_dict)
         for gi, new_group in plan["groups"]:
-            self.param_groups[gi].update(new_group)
+            _replace_group(self.param_groups[gi], new_group)
         for slot, step, host, buffers in plan["slots"]:
+            slot.sync_buffers(dict.fromkeys(buffers, 0.0), self.kernel)
             slot.step = step
             slot.host = host
-            slot.ensure_buffers({k: 0.0 for k in buffers})
             for name, value in buffers.items():
                 self._backend.copy_in(slot.buffers[name], value)
         self._step_count = plan["step_count"]
@@ -402,18 +585,27 @@ class Optimizer:
         if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups) if isinstance(groups, (list, tuple)) else 'no'} "
                              f"param groups; this optimizer has {len(self.param_groups)}")
+        self._check_structure()
+        checks = self.kernel.CHECKS
         plan_groups, hps = [], []
         for gi, (g, slots) in enumerate(zip(groups, self._group_slots)):
+            if not isinstance(g, dict):
+                raise TypeError(f"state_dict param group {gi} must be a dict, got {type(g).__name__}")
             if list(g.get("params", ())) != [s.index for s in slots]:
                 raise ValueError(f"state_dict param group {gi} holds parameters {g.get('params')}, "
                                  f"this optimizer's holds {[s.index for s in slots]}")
             new = {k: v for k, v in g.items() if k != "params"}
-            if set(new) != set(self.kernel.CHECKS):
-                raise ValueError(f"state_dict param group {gi} has options {sorted(new)}, "
-                                 f"expected {sorted(self.kernel.CHECKS)}")
+            foreign = {k for k in new if k in _OPTIONS and k not in checks}
+            if not set(new) >= set(checks) or foreign:
+                raise ValueError(f"state_dict param group {gi} has options {sorted(k for k in new if k in _OPTIONS)}, "
+                                 f"expected {sorted(checks)}")
             if new["lr"] is None:
                 new["lr"] = self.param_groups[gi]["lr"]
-            hp = self._check_hyper(new, f"state_dict param group {gi}: ")
+            hp = self._check_hyper({k: new[k] for k in checks}, f"state_dict param group {gi}: ")
+            for k, v in self.forced.items():
+                if hp[k] != v:
+                    raise ValueError(f"state_dict param group {gi}: {type(self).__name__} always has {k}={v!r}, "
+                                     f"got {new[k]!r}")
             plan_groups.append((gi, new))
             hps.append(hp)
         state = sd.get("state")
@@ -429,8 +621,9 @@ class Optimizer:
             step = entry.get("step")
             if isinstance(step, np.ndarray) and step.ndim == 0:
                 step = step.item()
-            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-                raise ValueError(f"state_dict parameter {slot.index}: step must be an integer >= 0, got {step!r}")
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step <= MAX_STEP:
+                raise ValueError(f"state_dict parameter {slot.index}: step must be an integer in [0, 2**53], "
+                                 f"got {step!r}")
             expected = set(self.kernel.buffers(hps[slot.group]))
             buffers = {k: v for k, v in entry.items() if k != "step" and k not in host_names}
             if set(buffers) != expected:
@@ -451,7 +644,14 @@ class Optimizer:
             for k, v in host.items():
                 if not isinstance(v, numbers.Real) or not math.isfinite(v):
                     raise ValueError(f"state_dict parameter {slot.index}: {k} must be a finite number, got {v!r}")
-            plan_slots.append((slot, int(step), {**getattr(self.kernel, "host_state", dict)(), **host}, buffers))
+            host = {**getattr(self.kernel, "host_state", dict)(), **host}
+            check_host = getattr(self.kernel, "check_host", None)
+            if check_host is not None:
+                try:
+                    host = check_host(host)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"state_dict parameter {slot.index}: {exc}") from None
+            plan_slots.append((slot, int(step), host, buffers))
         step_count = sd.get("step_count", 0)
         if isinstance(step_count, np.ndarray):
             step_count = step_count.item()

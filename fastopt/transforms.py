@@ -27,6 +27,13 @@ parameter, no state buffer, not ``step_count``); ``opt.skipped_steps`` counts su
 ``opt.last_step_skipped`` tells about the last one. Without it a NaN propagates as in torch.
 ``opt.last_grad_norm`` is the norm of the last step's gradients whenever it was computed
 (``clip_grad_norm`` or ``skip_nonfinite``).
+
+Only a real NaN or inf skips a step: the test is a comparison per element, so finite float64
+gradients near the largest double never count as non-finite. Their sum of squares can still
+overflow (a norm above about 1.3e154): the norm is then ``inf``, as in
+``torch.nn.utils.clip_grad_norm_``, and ``clip_grad_norm`` gives the same factor torch does,
+``max_norm / (inf + 1e-6) = 0``: the step runs with a zero gradient (weight decay and momentum
+still apply). ``skip_nonfinite`` does not skip it, since every gradient is finite.
 """
 
 from __future__ import annotations
@@ -113,14 +120,9 @@ class GradTransforms:
     def __init__(self, *, clip_grad_norm: float | None = None, skip_nonfinite: bool = False,
                  grad_noise: tuple[float, float] | None = None, seed: int | None = None):
         self.clip_grad_norm = None if clip_grad_norm is None else H.positive("clip_grad_norm", clip_grad_norm)
-        if not isinstance(skip_nonfinite, (bool, np.bool_)):
-            raise TypeError(f"skip_nonfinite must be a bool, got {skip_nonfinite!r}")
-        self.skip_nonfinite = bool(skip_nonfinite)
+        self.skip_nonfinite = H.flag("skip_nonfinite", skip_nonfinite)
         if grad_noise is not None:
-            try:
-                eta, gamma = grad_noise
-            except (TypeError, ValueError):
-                raise TypeError(f"grad_noise must be a pair (eta, gamma), got {grad_noise!r}") from None
+            eta, gamma = H.pair("grad_noise", grad_noise, "(eta, gamma)")
             grad_noise = (H.nonneg("grad_noise eta", eta), H.nonneg("grad_noise gamma", gamma))
         self.grad_noise = grad_noise
         if seed is None:

@@ -111,7 +111,7 @@ def _check_host(module, host) -> dict:
             checked[name] = float(value)
     check = getattr(module, "check_host", None)
     if check is not None:
-        check(checked)
+        checked = check(checked)
     return checked
 
 
@@ -150,7 +150,7 @@ def update(rule: str, param, grad, state: dict, *, step: int, grad_scale: float 
     host = _check_host(module, state.get("host"))
     try:
         selected, scalars = module.plan(hp, int(step), host)
-    except (OverflowError, ZeroDivisionError) as exc:
+    except (ArithmeticError, ValueError) as exc:
         raise ValueError(f"{rule} step {step} with these hyper-parameters and host state has no finite "
                          f"update ({exc})") from None
     buffers = []

@@ -26,12 +26,11 @@ from . import _hyper as H
 from ._build import Rule
 
 
-def nadam_element(p, g, m, v, l2, decay, one_minus_beta1, beta1, beta2, one_minus_beta2,
+def nadam_element(p, g, m, v, l2, decay, one_minus_beta1, beta2, one_minus_beta2,
                   inv_bias_correction2, eps, grad_coef, exp_avg_coef):
     g = g + l2 * p
     p = p * decay
-    d = g - m  # torch's lerp: exact at both ends (m + w*d loses m's bits when w is near 1)
-    m = m + one_minus_beta1 * d if one_minus_beta1 < beta1 else g - d * beta1
+    m = m + one_minus_beta1 * (g - m)
     v = beta2 * v + one_minus_beta2 * g * g
     denom = math.sqrt(v * inv_bias_correction2) + eps
     p = p + grad_coef * (g / denom)
@@ -40,7 +39,7 @@ def nadam_element(p, g, m, v, l2, decay, one_minus_beta1, beta1, beta2, one_minu
 
 
 NADAM = Rule("nadam", nadam_element, ("exp_avg", "exp_avg_sq"),
-             ("l2", "decay", "one_minus_beta1", "beta1", "beta2", "one_minus_beta2", "inv_bias_correction2",
+             ("l2", "decay", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction2",
               "eps", "grad_coef", "exp_avg_coef"))
 RULES = (NADAM,)
 
@@ -58,11 +57,11 @@ def host_state() -> dict:
     return {"mu_product": 1.0}
 
 
-def check_host(host: dict) -> None:
-    """``mu_product`` is a product of momentum factors in [0, 1), so it lies in [0, 1]; there
-    the plan's denominators ``1 - mu_product * mu`` are never 0."""
-    if not 0.0 <= host["mu_product"] <= 1.0:
-        raise ValueError(f"Invalid mu_product value: {host['mu_product']} (must be in [0, 1])")
+def check_host(host: dict) -> dict:
+    """Loaded host state: ``mu_product``, a product of momentum coefficients in [0, 1), is a
+    real number in [0, 1] (outside it the update's denominators can reach zero)."""
+    mu_product = H.unit_closed("mu_product", host["mu_product"])
+    return {**host, "mu_product": mu_product}
 
 
 def plan(hp: dict, step: int, host: dict):
@@ -78,7 +77,6 @@ def plan(hp: dict, step: int, host: dict):
         0.0 if decoupled else wd,
         1.0 - lr * wd if decoupled else 1.0,
         1.0 - beta1,
-        beta1,
         beta2,
         1.0 - beta2,
         1.0 / (1.0 - beta2**step),

@@ -5,15 +5,17 @@ For a flat buffer :math:`g` cut into fixed chunks of ``CHUNK`` elements (``_conf
 .. math::
 
     S_c = \sum_{i \in c} g_i^2, \qquad
-    F_c = \sum_{i \in c} 0 \cdot g_i, \qquad
+    F_c = \#\{i \in c : |g_i| \le \text{DBL\_MAX}\} - |c|, \qquad
     \|g\|_2^2 = \sum_c S_c \ \text{(in chunk order)},
 
-in float64 whatever the gradient's dtype. :math:`0 \cdot g_i` is 0 for a finite element and
-NaN for NaN or :math:`\pm\infty`, so :math:`F \ne 0` exactly when some element is not finite
-(it is checked apart from the norm, which may overflow for huge but finite float64
-gradients). Not :math:`g_i - g_i`: with the ``reassoc`` flag LLVM rewrites
-:math:`F + (g - g)` as :math:`F`; a product by zero cannot be folded without ``nnan``/``ninf``,
-which ``_config.FASTMATH`` never grants (a test checks that inf and NaN are seen). The chunks
+in float64 whatever the gradient's dtype. :math:`|g_i| \le` DBL_MAX is false exactly for NaN
+and :math:`\pm\infty`, so :math:`F \ne 0` exactly when some element is not finite, whatever
+the finite values (huge float64 gradients overflow the norm, never the test). It is a
+comparison, not arithmetic: a test built on :math:`0 \cdot g_i` breaks under the ``reassoc``
+flag, which lets LLVM factor :math:`0 g_1 + 0 g_2` into :math:`0 (g_1 + g_2)`, and that sum
+overflows for finite values near DBL_MAX (``_config.FASTMATH`` never grants ``nnan``/``ninf``,
+so the comparison is kept; a test checks that inf, NaN and huge finite values are told apart).
+The chunks
 are summed by whichever thread gets them, each in a fixed order, and
 the chunk sums are then added serially in chunk order: the result is the same, bit for bit,
 for any number of threads. A buffer below ``PARALLEL_MIN_WORK`` elements is reduced by the
@@ -30,13 +32,15 @@ from numba import prange
 
 from . import _config
 
+_MAX = np.finfo(np.float64).max  # |x| <= _MAX is False exactly for NaN and +-inf
+
 
 def sumsq_chunks(x, chunk):
     """``(sum of squares, finite)`` of a flat float32/float64 array in chunks of ``chunk``.
 
     Each chunk is read as four interleaved streams (its quarters), each with its own float64
     accumulator: one accumulator would chain every addition through the adder's latency and
-    run at half the speed of memory. The NaN/inf test takes one product per four elements.
+    run at half the speed of memory. The NaN/inf test is one comparison per element.
     """
     n = x.size
     nchunks = (n + chunk - 1) // chunk
@@ -61,14 +65,14 @@ def sumsq_chunks(x, chunk):
             a1 += v1 * v1
             a2 += v2 * v2
             a3 += v3 * v3
-            bad += (v0 + v1 + v2 + v3) * 0.0
+            bad += np.float64((abs(v0) <= _MAX) & (abs(v1) <= _MAX) & (abs(v2) <= _MAX) & (abs(v3) <= _MAX))
         acc = (a0 + a1) + (a2 + a3)
         for i in range(np.uint64(lo + 4 * q), np.uint64(hi)):
             v = np.float64(x[i])
             acc += v * v
-            bad += v * 0.0
+            bad += np.float64(abs(v) <= _MAX)
         sums[c] = acc
-        flags[c] = bad
+        flags[c] = bad - (q + (hi - lo - 4 * q))  # 0 when every element is finite
     total = 0.0
     finite = True
     for c in range(nchunks):  # fixed order: independent of the thread count

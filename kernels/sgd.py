@@ -77,6 +77,17 @@ def host_state() -> dict:
     return {"momentum_started": False}
 
 
+def check_host(host: dict) -> dict:
+    """Loaded host state: ``momentum_started`` is a bool (or 0/1)."""
+    return {**host, "momentum_started": H.flag("momentum_started", host["momentum_started"])}
+
+
+def discard(host: dict, names) -> dict:
+    """Host state once the buffers ``names`` are dropped (momentum switched off): switched on
+    again, momentum starts afresh, as on its first step."""
+    return {**host, "momentum_started": False} if "momentum_buffer" in names else host
+
+
 def plan(hp: dict, step: int, host: dict):
     lr, mu = hp["lr"], hp["momentum"]
     if mu == 0:

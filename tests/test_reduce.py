@@ -35,9 +35,13 @@ def test_nonfinite_elements_are_seen(rng, dtype, bad, where):
         assert not np.isfinite(total)
 
 
-def test_huge_finite_float64_overflows_the_norm_but_is_finite():
-    total, finite = reduce.sumsq(np.full(10, 1e200))
-    assert total == np.inf and finite
+@pytest.mark.parametrize("n", [10, 2 * _config.CHUNK + 3])
+def test_huge_finite_float64_overflows_the_norm_but_is_finite(n, monkeypatch):
+    for parallel in (False, True):
+        monkeypatch.setattr(_config, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 40)
+        for value in (1e200, np.finfo(np.float64).max):
+            total, finite = reduce.sumsq(np.full(n, value))
+            assert total == np.inf and finite, (value, parallel)
 
 
 def test_parallel_and_serial_kernels_agree_and_the_parallel_one_runs(rng, monkeypatch):

@@ -93,3 +93,38 @@ def test_without_the_option_nothing_is_computed():
     opt = fo.Adam(w, lr=0.1)
     opt.step(np.ones(3))
     assert opt.last_grad_norm is None and opt.skipped_steps == 0 and not opt.transforms.active
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_only_a_real_nan_or_inf_skips(dtype, parallel, monkeypatch):
+    """Finite gradients at the top of the dtype's range are finite: never skipped. (The old
+    test summed four values before multiplying by zero: 4 x 1e308 overflowed to inf.)"""
+    from fastopt.kernels import _config
+
+    monkeypatch.setattr(_config, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 40)
+    big = np.finfo(dtype).max
+    n = 2 * _config.CHUNK + 7
+    w = np.zeros(n, dtype)
+    opt = fo.SGD(w, lr=dtype(1e-300) if dtype == np.float64 else dtype(1e-38), skip_nonfinite=True)
+    g = np.full(n, big, dtype)
+    g[::3] = -big
+    opt.step(g)
+    assert opt.last_step_skipped is False and opt.skipped_steps == 0 and opt.step_count == 1
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in (0, n // 2, n - 1):
+            h = g.copy()
+            h[where] = bad
+            opt.step(h)
+            assert opt.last_step_skipped is True
+    assert opt.skipped_steps == 9
+
+
+def test_clip_with_an_overflowing_finite_norm_behaves_like_torch():
+    """A finite float64 gradient whose sum of squares overflows: the norm is inf (as
+    torch.nn.utils.clip_grad_norm_ gives), the clip factor 0, the step runs (not skipped)."""
+    w = np.ones(4)
+    opt = fo.SGD(w, lr=0.1, weight_decay=0.5, clip_grad_norm=1.0, skip_nonfinite=True)
+    opt.step(np.full(4, 1e300))
+    assert opt.last_grad_norm == np.inf and not opt.last_step_skipped and opt.step_count == 1
+    np.testing.assert_array_equal(w, np.full(4, 1.0 - 0.1 * 0.5))  # zero gradient, weight decay only

@@ -132,3 +132,131 @@ def test_bad_state_dict_is_refused_and_changes_nothing(make_bad, exc, pattern):
     assert after["param_groups"] == before["param_groups"]
     for k, v in before["state"][0].items():
         np.testing.assert_array_equal(after["state"][0][k], v)
+
+
+# -- round trips after every toggle of every option that adds or removes a buffer --------
+TOGGLES = [
+    # (id, class, base options, successive edits of group 0)
+    ("sgd-momentum", fo.SGD, {"lr": 0.1}, [{"momentum": 0.9}, {"momentum": 0.0}, {"momentum": 0.5}]),
+    ("sgd-nesterov", fo.SGD, {"lr": 0.1, "momentum": 0.9}, [{"nesterov": True}, {"nesterov": False, "momentum": 0.0},
+                                                           {"momentum": 0.9, "nesterov": True}]),
+    ("sgd-momentum-zero-init", fo.SGD, {"lr": 0.1, "momentum_init": "zero"}, [{"momentum": 0.9}, {"momentum": 0.0}]),
+    ("adam-amsgrad", fo.Adam, {"lr": 0.01}, [{"amsgrad": True}, {"amsgrad": False}, {"amsgrad": True}]),
+    ("adamw-amsgrad", fo.AdamW, {"lr": 0.01}, [{"amsgrad": True}, {"amsgrad": False}]),
+    ("rmsprop-centered", fo.RMSprop, {"lr": 0.01}, [{"centered": True}, {"centered": False}, {"centered": True}]),
+    ("rmsprop-momentum", fo.RMSprop, {"lr": 0.01}, [{"momentum": 0.5}, {"momentum": 0.0, "centered": True},
+                                                  {"momentum": 0.3}, {"centered": False, "momentum": 0.0}]),
+    ("adagrad", fo.Adagrad, {"lr": 0.1}, [{"eps_inside_sqrt": True}, {"lr_decay": 0.1}]),
+    ("adadelta", fo.Adadelta, {}, [{"maximize": True}, {"rho": 0.5}]),
+    ("adamax", fo.Adamax, {"lr": 0.01}, [{"weight_decay": 0.1}, {"betas": [0.5, 0.6]}]),
+    ("nadam", fo.NAdam, {"lr": 0.01}, [{"decoupled_weight_decay": True, "weight_decay": 0.1}, {"momentum_decay": 0.1}]),
+    ("radam", fo.RAdam, {"lr": 0.01}, [{"decoupled_weight_decay": True, "weight_decay": 0.1}, {"betas": (0.5, 0.9)}]),
+]
+
+
+def _grads_at(n, shapes):
+    rng = np.random.default_rng(1000 + n)
+    return [rng.standard_normal(s).astype(np.float32) for s in shapes]
+
+
+def _run(opt, edits, steps_after_each=2):
+    shapes = [s.shape for s in opt._slots]
+    for edit in edits:
+        opt.param_groups[0].update(edit)
+        for _ in range(steps_after_each):
+            opt.step(_grads_at(opt.step_count, shapes))
+    for _ in range(2):
+        opt.step(_grads_at(opt.step_count, shapes))
+
+
+def _state_bytes(opt):
+    return [{k: (v.tobytes() if isinstance(v, np.ndarray) else v) for k, v in e.items()} for e in opt.state]
+
+
+@pytest.mark.parametrize("stepped", [0, 1], ids=["saved-right-after-the-edit", "saved-after-a-step"])
+@pytest.mark.parametrize("toggle", TOGGLES, ids=[t[0] for t in TOGGLES])
+def test_round_trip_after_every_toggle(toggle, stepped, tmp_path, rng):
+    _, cls, base, edits = toggle
+    shapes = [(4, 5), (7,)]
+    for cut in range(len(edits)):
+        params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        opt = cls(params, **base)
+        _run(opt, edits[:cut])
+        opt.param_groups[0].update(edits[cut])
+        for _ in range(stepped):
+            opt.step(_grads_at(opt.step_count, shapes))
+        sd = opt.state_dict()
+        fo.save(opt, tmp_path / "ckpt.npz")
+        copies = [p.copy() for p in params]
+        loaded = cls(copies, **base)
+        loaded.load_state_dict(copy.deepcopy(sd))
+        from_file = cls([np.zeros(s, np.float32) for s in shapes], **base)
+        fo.load(from_file, tmp_path / "ckpt.npz")
+        for other in (loaded, from_file):
+            assert _state_bytes(other) == _state_bytes(opt)
+        _run(opt, edits[cut + 1 :])
+        for other in (loaded, from_file):
+            _run(other, edits[cut + 1 :])
+            for x, slot in zip(params, other._slots):
+                np.testing.assert_array_equal(x, slot.param)
+            assert _state_bytes(other) == _state_bytes(opt)
+
+
+def test_user_keys_survive_state_dict_and_checkpoint(tmp_path):
+    w = np.ones(3, np.float32)
+    opt = fo.Adam([{"params": [w], "name": "w", "meta": {"layer": 3}}], lr=0.1)
+    opt.step([np.ones(3, np.float32)])
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["name"] == "w"
+    other = fo.Adam([np.ones(3, np.float32)], lr=0.1)
+    other.load_state_dict(sd)
+    assert other.param_groups[0]["name"] == "w" and other.param_groups[0]["meta"] == {"layer": 3}
+    fo.save(opt, tmp_path / "c.npz")
+    third = fo.Adam([np.ones(3, np.float32)], lr=0.1)
+    fo.load(third, tmp_path / "c.npz")
+    assert third.param_groups[0]["name"] == "w" and third.param_groups[0]["meta"] == {"layer": 3}
+    opt.param_groups[0]["name"] = object()
+    with pytest.raises(TypeError, match="cannot save param group 0 option 'name'"):
+        fo.save(opt, tmp_path / "d.npz")
+
+
+def test_state_dict_cannot_change_a_forced_option():
+    w = np.ones(3, np.float32)
+    opt = fo.AdamW([w], lr=0.1)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["decoupled_weight_decay"] = False
+    with pytest.raises(ValueError, match="AdamW always has decoupled_weight_decay=True"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda s: s.update(step=10**400), "step must be an integer"),
+    (lambda s: s.update(step=2**60), "step must be an integer"),
+    (lambda s: s.update(momentum_started=0.5), "momentum_started must be a bool"),
+])
+def test_loaded_step_and_host_scalars_are_checked(edit, pattern):
+    w = np.ones(3, np.float32)
+    opt = fo.SGD([w], lr=0.1, momentum=0.9)
+    opt.step([np.ones(3, np.float32)])
+    sd = opt.state_dict()
+    edit(sd["state"][0])
+    before = _state_bytes(opt)
+    with pytest.raises(ValueError if "step" in pattern else TypeError, match=pattern):
+        opt.load_state_dict(sd)
+    assert _state_bytes(opt) == before
+
+
+def test_checkpoint_load_into_a_read_only_parameter_changes_nothing(tmp_path):
+    w, b = np.ones(3, np.float32), np.ones(2, np.float32)
+    opt = fo.Adam([w, b], lr=0.1)
+    opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
+    fo.save(opt, tmp_path / "c.npz")
+    w2, b2 = np.zeros(3, np.float32), np.zeros(2, np.float32)
+    other = fo.Adam([w2, b2], lr=0.1)
+    b2.flags.writeable = False
+    before = _state_bytes(other)
+    with pytest.raises(ValueError, match="read-only"):
+        fo.load(other, tmp_path / "c.npz")
+    assert _state_bytes(other) == before and other.step_count == 0
+    assert not w2.any()
