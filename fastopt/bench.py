@@ -819,3 +819,54 @@ def format_table(report: Report) -> str:
         "probe's rounds; vs: the other's time over fastopt's (n/a: torch has no such optimizer). "
         f"{report.seconds:.0f} s.")
     return "\n".join(lines)
+
+
+# -- pytest-benchmark ---------------------------------------------------------------------
+def probe_rounds(k: int, n: int, dtype=np.float32, *, parallel: bool | None = None, repeats: int = REPEATS,
+                 min_time: float = MIN_TIME) -> Spread:
+    """The same-traffic probe for ``k`` state buffers over ``n`` elements of ``dtype``, timed
+    now: its rounds (seconds per call). ``parallel`` defaults to what fastopt's kernel would do."""
+    parallel = traffic_parallel(k, n) if parallel is None else parallel
+    arrays = traffic_arrays(k, n, dtype)
+    kernel = traffic_kernel(k, parallel)
+    rounds = time_rounds({"probe": lambda: kernel(*arrays)}, warmup=2, repeats=repeats, min_time=min_time)
+    return Spread.of(rounds["probe"])
+
+
+def record_throughput(benchmark, n: int, *, state_buffers: int | None, dtype=np.float32,
+                      bytes_per_param: int | None = None, calls_per_round: int = 1,
+                      parallel: bool | None = None, against: str | None = None) -> dict:
+    """Put a step's throughput into a pytest-benchmark ``benchmark.extra_info``; call it after
+    ``benchmark(step)``. Returns what it recorded.
+
+    Always: ``params`` (``n``), ``dtype``, ``state_buffers`` (``k``), ``bytes_per_param`` (default
+    :func:`bytes_per_param`: what a fused step must move) and ``roofline_against``. When the
+    benchmark ran timed (not ``--benchmark-disable``), from its median round (divided by
+    ``calls_per_round``): ``params_per_s``, ``gb_per_s``, and, timed right after the benchmark
+    on fresh arrays of the same size and dtype with this run's threads, the same-traffic
+    probe's ``probe_gb_per_s`` and ``roofline`` (``gb_per_s`` over it), both ``None`` when
+    ``state_buffers`` is ``None`` (no such loop applies: say which denominator in ``against``);
+    ``noisy``: :func:`noise_reason` for the benchmark's and the probe's rounds, or ``None``.
+    """
+    dtype = np.dtype(dtype)
+    if bytes_per_param is None:
+        if state_buffers is None:
+            raise ValueError("bytes_per_param is needed when state_buffers is None")
+        bytes_per_param = (3 + 2 * state_buffers) * dtype.itemsize  # the function of that name, shadowed
+    info = {"params": n, "dtype": dtype.name, "state_buffers": state_buffers, "bytes_per_param": bytes_per_param,
+            "roofline_against": against or (f"same-traffic loop, k={state_buffers}" if state_buffers is not None
+                                            else "none")}
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if not getattr(benchmark, "disabled", False) and stats is not None:
+        seconds = stats.median / calls_per_round
+        gbps = bytes_per_param * n / seconds / 1e9
+        spreads = {"fastopt": Spread(stats.median, stats.q1, stats.q3, stats.rounds)}
+        probe_gbps = fraction = None
+        if state_buffers is not None:
+            spreads["probe"] = probe_rounds(state_buffers, n, dtype, parallel=parallel)
+            probe_gbps = bytes_per_param * n / spreads["probe"].median / 1e9
+            fraction = gbps / probe_gbps
+        info.update(params_per_s=n / seconds, gb_per_s=gbps, probe_gb_per_s=probe_gbps, roofline=fraction,
+                    noisy=noise_reason(spreads, 0.0 if fraction is None else fraction))
+    benchmark.extra_info.update(info)
+    return info

@@ -374,3 +374,40 @@ def test_torch_picks_fused_where_it_exists():
                            ("rmsprop", "foreach"), ("radam", "foreach")]:
         _, impl = bench._torch_optimizer(bench.SPECS[name], p.copy(), g)
         assert impl == expected, name
+
+
+def test_every_benchmark_records_its_throughput(tmp_path):
+    """Run every benchmark in bench/ (and the example for users) timed, at smoke sizes, and
+    read pytest-benchmark's JSON: each records params/s, GB/s and its roofline fraction
+    (``None`` only where it names no same-traffic loop), except the startup latency."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "FASTOPT_BENCH_SIZES": "3000", "PYTHONPATH": root}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/example_user_benchmark.py", "bench",
+           "--benchmark-enable", "--benchmark-min-rounds=3", "--benchmark-max-time=0.002", "--benchmark-warmup=off",
+           f"--benchmark-json={out}"]
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    files = {b["fullname"].split("::")[0] for b in benchmarks}
+    assert {"bench/test_bench_optimizers.py", "bench/test_bench_threshold.py", "bench/test_bench_noise.py",
+            "bench/test_bench_transforms.py", "bench/test_bench_flat.py", "bench/test_bench_startup.py",
+            "bench/example_user_benchmark.py"} <= files
+    for b in benchmarks:
+        info = b["extra_info"]
+        if b["group"] == "startup":
+            assert info["first_step_s"] > 0
+            continue
+        for key in ("params", "bytes_per_param", "params_per_s", "gb_per_s", "roofline", "probe_gb_per_s"):
+            assert key in info, (b["fullname"], key)
+        assert info["params_per_s"] > 0 and info["gb_per_s"] > 0, b["fullname"]
+        assert info["gb_per_s"] == pytest.approx(info["bytes_per_param"] * info["params_per_s"] / 1e9)
+        if info["roofline"] is None:
+            assert info["state_buffers"] is None and info["roofline_against"].startswith("none"), b["fullname"]
+        else:
+            assert info["roofline"] == pytest.approx(info["gb_per_s"] / info["probe_gb_per_s"])
