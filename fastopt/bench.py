@@ -194,10 +194,26 @@ def traffic_parallel(k: int, n: int) -> bool:
     return n * (3 + 2 * k) >= _config.PARALLEL_MIN_WORK
 
 
+#: The probe's arrays start this many bytes apart modulo a page (5 cache lines), so that a store
+#: to one and a load from the next never share their low 12 address bits: same-offset arrays
+#: "4K-alias" and stall loads behind stores, which in cache cost the loop up to a third of its
+#: speed (measured at 1e5 float32 with k = 2). The probe is the machine's bound, not an
+#: unlucky layout's.
+STAGGER_BYTES = 320
+
+
 def traffic_arrays(k: int, n: int, dtype=np.float32) -> list[np.ndarray]:
-    """The probe's ``2 + k`` arrays, every page written (``np.zeros`` would leave the read-only
-    gradient on the shared zero page, which reads from cache)."""
-    return [np.full(n, 0, dtype) for _ in range(2 + k)]
+    """The probe's ``2 + k`` arrays of ``n`` zeros: every page written (``np.zeros`` would leave
+    the read-only gradient on the shared zero page, which reads from cache), array ``j``
+    starting ``j * STAGGER_BYTES`` bytes further into its page than array 0."""
+    itemsize = np.dtype(dtype).itemsize
+    out = []
+    for j in range(2 + k):
+        shift = (j * STAGGER_BYTES) % 4096 // itemsize
+        buf = np.full(n + 4096 // itemsize, 0, dtype)
+        start = (shift - buf.ctypes.data % 4096 // itemsize) % (4096 // itemsize)
+        out.append(buf[start:start + n])
+    return out
 
 
 def measure_bandwidth(n: int, dtype=np.float32, *, state_buffers: int = 0, repeats: int = REPEATS,
@@ -440,13 +456,12 @@ class Spread:
 
 def noise_reason(spreads: dict[str, Spread], fraction: float, *, max_iqr: float = NOISE_IQR,
                  max_fraction: float = MAX_FRACTION) -> str | None:
-    """Why a row's roofline fraction cannot be trusted, or ``None``: fastopt's or the probe's
-    rounds spread more than ``max_iqr`` (IQR over median; needs 3 rounds or more to judge), or
-    the fraction is above ``max_fraction``."""
+    """Why a roofline fraction cannot be trusted, or ``None``: the rounds of one of ``spreads``
+    (the step's and the probe's) spread more than ``max_iqr`` (IQR over median; needs 3 rounds
+    or more to judge), or the fraction is above ``max_fraction``."""
     reasons = []
-    for name in ("fastopt", "probe"):
-        s = spreads.get(name)
-        if s is not None and s.rounds >= 3 and s.relative_iqr > max_iqr:
+    for name, s in spreads.items():
+        if s.rounds >= 3 and s.relative_iqr > max_iqr:
             reasons.append(f"{name} rounds spread {s.relative_iqr:.0%} (IQR/median)")
     if fraction > max_fraction:
         reasons.append(f"{fraction:.0%} of a loop with the same traffic")
@@ -502,7 +517,7 @@ class Row:
     @property
     def noisy(self) -> str | None:
         """Why :attr:`roofline` is not to be trusted (see :func:`noise_reason`), or ``None``."""
-        return noise_reason(self.spreads, self.roofline)
+        return noise_reason({k: s for k, s in self.spreads.items() if k in ("fastopt", "probe")}, self.roofline)
 
     @property
     def speedup_numpy(self) -> float | None:
@@ -822,6 +837,10 @@ def format_table(report: Report) -> str:
 
 
 # -- pytest-benchmark ---------------------------------------------------------------------
+#: Rounds of the probe in :func:`record_throughput` (one call each).
+PYTEST_PROBE_ROUNDS = 25
+
+
 def probe_rounds(k: int, n: int, dtype=np.float32, *, parallel: bool | None = None, repeats: int = REPEATS,
                  min_time: float = MIN_TIME) -> Spread:
     """The same-traffic probe for ``k`` state buffers over ``n`` elements of ``dtype``, timed
@@ -843,7 +862,8 @@ def record_throughput(benchmark, n: int, *, state_buffers: int | None, dtype=np.
     :func:`bytes_per_param`: what a fused step must move) and ``roofline_against``. When the
     benchmark ran timed (not ``--benchmark-disable``), from its median round (divided by
     ``calls_per_round``): ``params_per_s``, ``gb_per_s``, and, timed right after the benchmark
-    on fresh arrays of the same size and dtype with this run's threads, the same-traffic
+    on fresh arrays of the same size and dtype with this run's threads (median of
+    ``PYTEST_PROBE_ROUNDS`` rounds of one call, as pytest-benchmark's are), the same-traffic
     probe's ``probe_gb_per_s`` and ``roofline`` (``gb_per_s`` over it), both ``None`` when
     ``state_buffers`` is ``None`` (no such loop applies: say which denominator in ``against``);
     ``noisy``: :func:`noise_reason` for the benchmark's and the probe's rounds, or ``None``.
@@ -860,10 +880,13 @@ def record_throughput(benchmark, n: int, *, state_buffers: int | None, dtype=np.
     if not getattr(benchmark, "disabled", False) and stats is not None:
         seconds = stats.median / calls_per_round
         gbps = bytes_per_param * n / seconds / 1e9
-        spreads = {"fastopt": Spread(stats.median, stats.q1, stats.q3, stats.rounds)}
+        spreads = {"step": Spread(stats.median, stats.q1, stats.q3, stats.rounds)}
         probe_gbps = fraction = None
         if state_buffers is not None:
-            spreads["probe"] = probe_rounds(state_buffers, n, dtype, parallel=parallel)
+            # one call per round and many rounds, like pytest-benchmark's own: a round as long
+            # as fastopt bench's (20 ms) would include the preemptions a short one escapes
+            spreads["probe"] = probe_rounds(state_buffers, n, dtype, parallel=parallel, repeats=PYTEST_PROBE_ROUNDS,
+                                            min_time=0.0)
             probe_gbps = bytes_per_param * n / spreads["probe"].median / 1e9
             fraction = gbps / probe_gbps
         info.update(params_per_s=n / seconds, gb_per_s=gbps, probe_gb_per_s=probe_gbps, roofline=fraction,

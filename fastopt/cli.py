@@ -71,7 +71,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import DEFAULT_SIZES, DRAM_RULES, DTYPES, REPEATS, SPECS
+    from .bench import DEFAULT_SIZES, DRAM_RULES, DTYPES, REPEATS, SPECS, _size
 
     parser = argparse.ArgumentParser(
         prog="fastopt", description="Fused Numba optimizers: benchmark them, inspect the setup, run the demos."
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"comma-separated optimizers (default: all): {','.join(SPECS)}")
     bench.add_argument("--sizes", type=parse_sizes, default=None, metavar="N,...",
                        help="parameter counts, e.g. 1e5,1e7 or 2**20 (default: "
-                       f"{','.join(f'{n:.0e}' for n in DEFAULT_SIZES)}, plus a DRAM-sized row for "
+                       f"{','.join(_size(n) for n in DEFAULT_SIZES)}, plus a DRAM-sized row for "
                        f"{','.join(DRAM_RULES)} where the last-level cache holds those and memory allows)")
     bench.add_argument("--dtype", choices=list(DTYPES), default="float32")
     bench.add_argument("--threads", type=positive_int, default=None, metavar="N",

@@ -81,6 +81,8 @@ def test_same_traffic_probe_moves_the_rules_bytes(name, dtype, parallel, rng):
     assert read == set(range(2 + k)), "every stream must be read"
     assert written == {0, *range(2, 2 + k)}, "p and the state buffers written, g not"
     assert bench.bytes_per_param(k, dtype) == (len(read) + len(written)) * np.dtype(dtype).itemsize
+    arrays = bench.traffic_arrays(k, 1000, dtype)  # no two start at the same offset in a page (4K aliasing)
+    assert len({a.ctypes.data % 4096 for a in arrays}) == 2 + k and all(a.size == 1000 for a in arrays)
     row = bench.bench_rule(spec, 500, dtype, numpy=False, torch=False, **QUICK)
     assert row.state_buffers == k
     assert row.bytes_per_param == (len(read) + len(written)) * np.dtype(dtype).itemsize
@@ -388,7 +390,7 @@ def test_every_benchmark_records_its_throughput(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "bench.json"
     env = {**os.environ, "FASTOPT_BENCH_SIZES": "3000", "PYTHONPATH": root}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/example_user_benchmark.py", "bench",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench",
            "--benchmark-enable", "--benchmark-min-rounds=3", "--benchmark-max-time=0.002", "--benchmark-warmup=off",
            f"--benchmark-json={out}"]
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -397,7 +399,7 @@ def test_every_benchmark_records_its_throughput(tmp_path):
     files = {b["fullname"].split("::")[0] for b in benchmarks}
     assert {"bench/test_bench_optimizers.py", "bench/test_bench_threshold.py", "bench/test_bench_noise.py",
             "bench/test_bench_transforms.py", "bench/test_bench_flat.py", "bench/test_bench_startup.py",
-            "bench/example_user_benchmark.py"} <= files
+            "bench/test_user_example.py"} <= files
     for b in benchmarks:
         info = b["extra_info"]
         if b["group"] == "startup":

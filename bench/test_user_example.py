@@ -1,15 +1,16 @@
 """Benchmark your own optimizer against fastopt's and torch's with pytest-benchmark.
 
-Copy this file next to your code, replace ``my_adam_step`` with your implementation, then::
+Copy this file next to your code, put your optimizer in place of ``MyAdam``, then::
 
-    pytest example_user_benchmark.py --benchmark-enable --benchmark-group-by=group \\
+    pytest test_user_example.py --benchmark-enable --benchmark-group-by=group \\
         --benchmark-columns=median,iqr,rounds --benchmark-save=mine
     # ... change your code ...
-    pytest example_user_benchmark.py --benchmark-enable --benchmark-group-by=group \\
+    pytest test_user_example.py --benchmark-enable --benchmark-group-by=group \\
         --benchmark-compare --benchmark-compare-fail=median:10%
 
 (``--benchmark-enable`` only because fastopt's own ``pyproject.toml`` disables benchmarks in
-the ordinary test run; elsewhere it is the default.) Every benchmark records, in
+the ordinary test run; elsewhere it is the default. ``FASTOPT_BENCH_SIZES=1e5,1e7`` sets the
+sizes; the default, 1e5 and 1e6, keeps fastopt's own test run short.) Every benchmark records, in
 ``extra_info`` (``--benchmark-json``), parameters per second, GB/s of the 28 bytes a fused
 Adam step must move per float32 parameter, and the fraction of ``fastopt.bench``'s same-traffic
 loop (read p, g, m, v; write p, m, v) timed right after it on the same size: how far each
@@ -29,7 +30,7 @@ import fastopt as fo
 from fastopt import bench
 from fastopt.bench import record_throughput
 
-SIZES = [int(float(s)) for s in os.environ.get("FASTOPT_BENCH_SIZES", "1e5,1e7").split(",")]
+SIZES = [int(float(s)) for s in os.environ.get("FASTOPT_BENCH_SIZES", "1e5,1e6").split(",")]
 LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
 
 
