@@ -273,6 +273,7 @@ def test_run_restores_the_thread_count():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"rules": ["adamm"]}, "unknown rule"),
+    ({"rules": []}, "at least one"),
     ({"dtype": "float16"}, "dtype"),
     ({"sizes": [0]}, "sizes"),
     ({"sizes": []}, "sizes"),
