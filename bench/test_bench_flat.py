@@ -26,7 +26,8 @@ buffers then compete for the cache), and ``... test_bench_flat.py --alone`` time
 process of its own.
 
 Traffic: Adam moves 28 bytes per float32 parameter per step (reads p, g, m, v; writes p, m,
-v), recorded as ``extra_info["bytes_per_step"]``.
+v), recorded as ``extra_info["bytes_per_step"]``, with parameters/s, GB/s and the fraction of
+``fastopt.bench``'s same-traffic loop (``fastopt.bench.record_throughput``) for every contender.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
+from fastopt.bench import record_throughput as record
 
 FULL = os.environ.get("FASTOPT_BENCH_FULL", "") not in ("", "0")
 NTENSORS = 500
@@ -177,6 +179,7 @@ def test_adam_step(info, name):
     step = CONTENDERS[name]()
     step()  # compile and touch every buffer before timing
     info(step)
+    record(info, NPARAMS, state_buffers=2)
 
 
 def interleaved(rounds: int = 10, block: int = 4) -> dict[str, float]:
@@ -239,7 +242,7 @@ if __name__ == "__main__":
         print(alone(sys.argv[2]))
     elif sys.argv[1:2] == ["--alone"]:  # each contender in its own process, its buffers alone in cache
         medians = {name: float(subprocess.run([sys.executable, __file__, "--one", name], check=True,
-                                              capture_output=True, text=True).stdout.split()[-1])
+                                              capture_output=True, text=True, timeout=600).stdout.split()[-1])
                    for name in CONTENDERS}
         report(medians, "each alone in its own process, median of 60 steps")
     else:

@@ -11,6 +11,9 @@ hits all three alike:
 - ``deviates``: drawing the n deviates alone (``kernels.noise`` fill, the same fixed chunks
   and threads as the kernels, into a preallocated buffer).
 
+``extra_info`` also has the noisy step's parameters/s, GB/s and fraction of the same-traffic
+loop (Adam's traffic: the deviates add arithmetic, not memory traffic).
+
 ``adam noise`` is about ``adam`` plus ``deviates``: the update loop is compute-bound on this
 class of CPU (it scales with the cores), so the generator's arithmetic does not hide behind
 memory traffic, and ``deviates / adam`` is the floor of the noise overhead.
@@ -26,6 +29,7 @@ import pytest
 from bench_sizes import sizes
 
 import fastopt as fo
+from fastopt.bench import record_throughput as record
 from fastopt.kernels import _config, noise
 
 
@@ -73,3 +77,4 @@ def test_noise_cost(benchmark, n, dtype):
     benchmark.extra_info["deviates / plain step"] = med["deviates"] / med["adam"]
     benchmark.extra_info["ns per deviate and thread"] = 1e9 * med["deviates"] * numba.get_num_threads() / n
     benchmark(fns["adam noise"])
+    record(benchmark, n, state_buffers=2, dtype=dtype)

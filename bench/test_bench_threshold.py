@@ -3,12 +3,14 @@
     pytest bench/test_bench_threshold.py --benchmark-enable --benchmark-group-by=group
 
 Each group ``threshold|rule|n`` holds the serial and the parallel kernel on the same buffer;
-the switch should sit where the parallel one starts to win.
+the switch should sit where the parallel one starts to win. ``extra_info``: parameters/s, GB/s
+and the fraction of the same-traffic loop run the same way (serial or parallel).
 """
 
 import numpy as np
 import pytest
 
+from fastopt.bench import record_throughput as record
 from fastopt.kernels import _build, adam, sgd
 
 SIZES = [1 << k for k in (12, 14, 16, 18)]
@@ -25,4 +27,5 @@ def test_kernel(benchmark, rule, n, parallel):
             np.array([0, n], np.int64), np.full((1, rule.ncols), 0.5, dt))
     kernel(*args)
     benchmark(kernel, *args)
+    record(benchmark, n, state_buffers=len(rule.state), parallel=parallel)
     assert np.isfinite(args[0]).all()

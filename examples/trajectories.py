@@ -143,9 +143,29 @@ def run(surface: Surface, steps: int | None = None) -> dict[str, np.ndarray]:
     return {label: trajectory(surface, label, steps) for label in OPTIMIZERS}
 
 
+def clip_to_box(path: np.ndarray, xlim: tuple[float, float], ylim: tuple[float, float]) -> np.ndarray:
+    """The part of ``path`` inside the box: its points up to the first one outside, then the
+    point where the segment to it crosses the box's edge (so a path that runs off, as on the
+    saddle, ends at the frame instead of leaving it)."""
+    lo = np.array([xlim[0], ylim[0]])
+    hi = np.array([xlim[1], ylim[1]])
+    inside = np.all((path >= lo) & (path <= hi), axis=1)
+    if inside.all() or not inside[0]:
+        return path if inside.all() else path[:1]
+    k = int(np.argmin(inside))  # the first point outside
+    a, b = path[k - 1], path[k]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_lo, t_hi = (lo - a) / (b - a), (hi - a) / (b - a)
+    ts = [t for t in np.concatenate([t_lo, t_hi]) if np.isfinite(t) and 0 <= t <= 1]
+    t = min(ts) if ts else 0.0
+    edge = np.clip(a + t * (b - a), lo, hi)
+    return np.vstack([path[:k], edge])
+
+
 def draw(ax, surface: Surface, paths: dict[str, np.ndarray]) -> dict:
-    """Contours of ``surface`` and the paths on one matplotlib Axes; returns each optimizer's
-    ``(line, end marker)`` so an animation can move them."""
+    """Contours of ``surface`` and the paths on one matplotlib Axes, each clipped to the panel
+    (:func:`clip_to_box`); returns each optimizer's ``(line, end marker, drawn path)`` so an
+    animation can move them."""
     from matplotlib.colors import LogNorm
 
     xs = np.linspace(*surface.xlim, 300)
@@ -162,10 +182,11 @@ def draw(ax, surface: Surface, paths: dict[str, np.ndarray]) -> dict:
     ax.contour(X, Y, Z, levels=levels, norm=norm, colors="#6a7f99", linewidths=0.35, alpha=0.8)
     artists = {}
     for color, (label, path) in zip(COLORS, paths.items()):
+        path = clip_to_box(path, surface.xlim, surface.ylim)
         (line,) = ax.plot(path[:, 0], path[:, 1], color=color, linewidth=1.8, label=label, alpha=0.9)
         (end,) = ax.plot(path[-1, 0], path[-1, 1], "o", color=color, markersize=5,
                          markeredgecolor="white", markeredgewidth=0.6)
-        artists[label] = (line, end)
+        artists[label] = (line, end, path)
     ax.plot(*surface.start, "o", color="white", markeredgecolor="black", markersize=9, zorder=5)
     if surface.minimum is not None:
         ax.plot(*surface.minimum, "*", color="gold", markeredgecolor="black", markersize=16)
@@ -176,53 +197,75 @@ def draw(ax, surface: Surface, paths: dict[str, np.ndarray]) -> dict:
     return artists
 
 
-def main(out_dir: str = ".", small: bool = False, gif: bool = False, frames: int = 40) -> list[str]:
-    """Draw all three surfaces into ``out_dir/trajectories.png`` (and, with ``gif``, an
-    animation of the paths growing step by step, ``trajectories.gif``, ``frames`` frames);
-    return the paths written.
-
-    ``small`` runs a quarter of the steps (what ``fastopt demo`` and the tests use).
-    """
+def figure(small: bool = False, size: tuple[float, float] = (18, 6.6), fontsize: float = 11):
+    """All three surfaces on one new Figure; returns ``(fig, panels)``, ``panels`` holding each
+    surface's paths and artists (what :func:`animate` moves)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(18, 6.6), layout="constrained")
+    fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(SURFACES))
     panels = []
     for ax, surface in zip(axes, SURFACES.values()):
         paths = run(surface, surface.steps // 4 if small else None)
         panels.append((paths, draw(ax, surface, paths)))
+        ax.title.set_fontsize(fontsize)
+        ax.tick_params(labelsize=fontsize - 2)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(OPTIMIZERS), fontsize=11)
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(OPTIMIZERS) // 2, fontsize=fontsize)
     fig.suptitle("fastopt's optimizers from the same start (white dot); the star marks the minimum",
-                 fontsize=13)
+                 fontsize=fontsize + 2)
+    return fig, panels
+
+
+def main(out_dir: str = ".", small: bool = False, gif: bool = False, frames: int = 24) -> list[str]:
+    """Draw all three surfaces into ``out_dir/trajectories.png`` (and, with ``gif``, an
+    animation of the paths growing step by step, ``trajectories.gif``: ``frames`` frames on a
+    smaller figure with a 64-colour palette, under 1 MB); return the paths written.
+
+    ``small`` runs a quarter of the steps (what ``fastopt demo`` and the tests use).
+    """
+    fig, _ = figure(small)
     os.makedirs(out_dir, exist_ok=True)
     written = [os.path.join(out_dir, "trajectories.png")]
     fig.savefig(written[0], dpi=100)
     if gif:
         written.append(os.path.join(out_dir, "trajectories.gif"))
-        animate(fig, panels, written[1], frames)
+        small_fig, panels = figure(small, size=(12, 5.2), fontsize=11)
+        animate(small_fig, panels, written[1], frames)
     return written
 
 
-def animate(fig, panels: list, path: str, frames: int) -> None:
-    """Save ``fig`` as a GIF whose paths grow from the start to their last step."""
-    from matplotlib.animation import FuncAnimation, PillowWriter
+def animate(fig, panels: list, path: str, frames: int, dpi: int = 72, colors: int = 64) -> None:
+    """Save ``fig`` as a GIF whose paths grow from the start to their last step: ``frames``
+    frames rendered at ``dpi``, each reduced to one shared ``colors``-colour palette (the
+    contours' shades plus each path's colour), the last frame held for 2 s."""
+    from PIL import Image
 
-    def update(frame: int):
-        moved = []
+    images = []
+    for frame in range(frames):
         for paths, artists in panels:
             steps = max(len(p) for p in paths.values()) - 1
-            k = round(steps * frame / (frames - 1))
-            for label, (line, end) in artists.items():
-                shown = paths[label][: k + 1]
+            k = round(steps * frame / max(frames - 1, 1))
+            for line, end, drawn in artists.values():
+                shown = drawn[: k + 1]  # the clipped path: a path that ran off stops at the frame
                 line.set_data(shown[:, 0], shown[:, 1])
                 end.set_data(shown[-1:, 0], shown[-1:, 1])
-                moved += [line, end]
-        return moved
-
-    FuncAnimation(fig, update, frames=frames, blit=False).save(path, writer=PillowWriter(fps=10), dpi=45)
+        fig.set_dpi(dpi)
+        fig.canvas.draw()
+        images.append(Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]))
+    # one palette for all frames: the contours' shades (from the first frame, before the paths
+    # cover them), then every path's colour and the markers' exactly
+    fixed = [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in COLORS] + [(255, 255, 255), (0, 0, 0),
+                                                                            (255, 215, 0)]
+    shades = images[0].quantize(colors=colors - len(fixed), method=Image.Quantize.MEDIANCUT)
+    rgb = list(shades.getpalette()[: 3 * (colors - len(fixed))]) + [v for c in fixed for v in c]
+    palette = Image.new("P", (1, 1))
+    palette.putpalette(rgb + [0] * (768 - len(rgb)))
+    frames_p = [im.quantize(palette=palette, dither=Image.Dither.NONE) for im in images]
+    durations = [120] * (len(frames_p) - 1) + [2000]
+    frames_p[0].save(path, save_all=True, append_images=frames_p[1:], duration=durations, loop=0, optimize=True)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import DEFAULT_SIZES, DTYPES, REPEATS, SPECS
+    from .bench import DEFAULT_SIZES, DRAM_RULES, DTYPES, REPEATS, SPECS, _size
 
     parser = argparse.ArgumentParser(
         prog="fastopt", description="Fused Numba optimizers: benchmark them, inspect the setup, run the demos."
@@ -81,14 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench", help="time every optimizer against this machine's memory bandwidth, NumPy and torch",
-        description="Measure the memory bandwidth (an in-place x += a*y pass), then time each optimizer's "
-        "step and print Mparam/s, GB/s, the fraction of the bandwidth reached and the speed-up over a "
-        "vectorized NumPy implementation and over torch.optim (fused, else foreach) when torch is installed.",
+        description="Time each optimizer's step beside a loop with exactly its memory traffic (read 2+k, "
+        "write 1+k arrays for k state buffers), and print Mparam/s, GB/s, the fraction of the probe's bandwidth "
+        "reached (or 'noisy' when the rounds spread too much to tell), whether the arrays fit in the last-level "
+        "cache, and the speed-up over a vectorized NumPy implementation and over torch.optim (fused, else "
+        "foreach; n/a where torch lacks the optimizer) when torch is installed.",
     )
     bench.add_argument("--rules", type=parse_rules, default=list(SPECS), metavar="NAMES",
                        help=f"comma-separated optimizers (default: all): {','.join(SPECS)}")
-    bench.add_argument("--sizes", type=parse_sizes, default=list(DEFAULT_SIZES), metavar="N,...",
-                       help="parameter counts, e.g. 1e5,1e7 or 2**20 (default: %(default)s)")
+    bench.add_argument("--sizes", type=parse_sizes, default=None, metavar="N,...",
+                       help="parameter counts, e.g. 1e5,1e7 or 2**20 (default: "
+                       f"{','.join(_size(n) for n in DEFAULT_SIZES)}, plus a DRAM-sized row for "
+                       f"{','.join(DRAM_RULES)} where the last-level cache holds those and memory allows)")
     bench.add_argument("--dtype", choices=list(DTYPES), default="float32")
     bench.add_argument("--threads", type=positive_int, default=None, metavar="N",
                        help="Numba (and torch) threads for the run (default: Numba's default)")
@@ -98,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-torch", dest="torch", action="store_false", help="skip torch even if installed")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="also draw the results (needs matplotlib)")
-    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--quiet", action="store_true",
+                       help="no progress bar (there is none either when stderr is not a terminal)")
     bench.set_defaults(func=cmd_bench, parser=bench)
 
     info = sub.add_parser("info", help="versions, threading layer, kernel cache and CUDA availability")
@@ -129,6 +134,14 @@ def _check_output(parser: argparse.ArgumentParser, path: str, flag: str) -> None
         parser.error(f"{flag} {path}: directory {directory} does not exist")
 
 
+def show_progress(quiet: bool, stream=None) -> bool:
+    """Whether ``fastopt bench`` draws its progress: not with ``--quiet``, and only on a terminal
+    (a log file or a pipe gets the table alone)."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return not quiet and bool(isatty and isatty())
+
+
 def cmd_bench(args, parser) -> int:
     import numba
 
@@ -142,8 +155,11 @@ def cmd_bench(args, parser) -> int:
         _check_output(parser, args.plot, "--plot")
     if args.json:
         _check_output(parser, args.json, "--json")
-    report = bench.run(args.rules, args.sizes, args.dtype, threads=args.threads, numpy=args.numpy,
-                       torch=args.torch, repeats=args.repeats, progress=not args.quiet)
+    try:
+        report = bench.run(args.rules, args.sizes, args.dtype, threads=args.threads, numpy=args.numpy,
+                           torch=args.torch, repeats=args.repeats, progress=show_progress(args.quiet))
+    except ValueError as exc:  # raised before anything is measured (e.g. a size too big for the memory)
+        parser.error(str(exc))
     print(bench.format_table(report))
     if args.torch and not bench.torch_available():
         print("(torch is not installed: no torch column; pip install torch to compare)")

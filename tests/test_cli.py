@@ -79,6 +79,11 @@ def test_bench_json_table_and_plot(capsys, tmp_path):
         for key in ("fastopt", "mparams_per_s", "gbps", "roofline", "numpy", "speedup_numpy"):
             assert r[key] > 0, key
         assert r["gbps"] == pytest.approx(r["bytes_per_param"] * r["mparams_per_s"] / 1e3)
+        assert r["roofline"] == pytest.approx(r["gbps"] / r["probe_gbps"])  # the same-traffic probe's
+        for name in ("fastopt", "probe", "numpy"):
+            spread = r["spreads"][name]
+            assert spread["rounds"] == 2 and spread["q1"] <= spread["median"] <= spread["q3"]
+        assert r["fits_llc"] in (True, False, None) and "noisy" in r
         if torch_installed:
             assert r["torch"] > 0 and r["torch_impl"] == "fused"
     if have_plot:
@@ -97,11 +102,43 @@ def test_bench_json_table_and_plot(capsys, tmp_path):
     (["bench", "--repeats", "x"], "expected a positive integer"),
     (["bench", "--json", "/nonexistent-dir/b.json"], "does not exist"),
     (["bench", "--bogus"], "unrecognized arguments: --bogus"),
+    (["bench", "--sizes", "1e13", "--rules", "adam"], "GB available"),  # refused before anything is allocated
     (["benchmark"], "invalid choice: 'benchmark'"),
     ([], "required"),
 ])
 def test_bad_arguments_exit_2_with_a_message(capsys, argv, message):
     assert message in fails(capsys, *argv)
+
+
+class _Stderr:
+    """A stand-in for sys.stderr that says whether it is a terminal."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("tty, quiet, shown", [(True, False, True), (True, True, False), (False, False, False)])
+def test_bench_progress_only_on_a_terminal_and_not_quiet(capsys, monkeypatch, tty, quiet, shown):
+    from fastopt import bench
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # the one-line counter
+    monkeypatch.setattr(bench, "PROGRESS_DELAY", 0.0)
+    err = _Stderr(tty)
+    monkeypatch.setattr(sys, "stderr", err)
+    argv = ["bench", "--sizes", "100", "--rules", "sgd", "--repeats", "1", "--no-torch", "--no-numpy"]
+    status = cli.main(argv + (["--quiet"] if quiet else []))
+    assert status == 0
+    assert ("[1/1] sgd n=1e2" in err.text) is shown
+    assert "sgd" in capsys.readouterr().out
 
 
 def test_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch, tmp_path):

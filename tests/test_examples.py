@@ -82,6 +82,38 @@ def test_trajectories_animation(tmp_path):
         assert gif.format == "GIF" and gif.n_frames == 3
 
 
+def test_clip_to_box_stops_a_path_at_the_frame():
+    path = np.array([[0.0, 0.0], [0.5, 0.5], [1.0, 2.0], [0.2, 0.2]])  # leaves through y = 1, comes back
+    clipped = T.clip_to_box(path, (-1, 1), (-1, 1))
+    np.testing.assert_allclose(clipped, [[0, 0], [0.5, 0.5], [2 / 3, 1.0]])
+    inside = np.array([[0.0, 0.0], [0.9, -0.9]])
+    np.testing.assert_array_equal(T.clip_to_box(inside, (-1, 1), (-1, 1)), inside)
+
+
+def test_every_drawn_path_stays_inside_its_panel():
+    """The saddle's adaptive paths run off to infinity; what is drawn ends at the frame."""
+    pytest.importorskip("matplotlib")
+    fig, panels = T.figure()
+    for ax, (paths, artists) in zip(fig.axes, panels):
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        for label, (line, end, drawn) in artists.items():
+            for artist in (line, end):
+                xs, ys = np.asarray(artist.get_xdata()), np.asarray(artist.get_ydata())
+                assert np.all((xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)), (ax.get_title(), label)
+            assert len(drawn) <= len(paths[label])
+
+
+def test_trajectories_animation_is_small(tmp_path):
+    pytest.importorskip("matplotlib")
+    image = pytest.importorskip("PIL.Image")
+    path = T.main(out_dir=str(tmp_path), gif=True)[1]
+    import os
+
+    assert os.path.getsize(path) < 1 << 20
+    with image.open(path) as gif:
+        assert gif.n_frames == 24 and gif.size[0] >= 800  # legible: not shrunk to a thumbnail
+
+
 # -- the digits MLP ---------------------------------------------------------------------------
 def test_mlp_gradients_match_finite_differences():
     from fastopt.examples.mlp_digits import MLP
