@@ -126,6 +126,7 @@ def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):
     offset = np.uint64(noise_offset)  # element i is element offset + i of the noise stream
     nchunks = (n + {chunk} - 1) // {chunk}
     for c in prange(nchunks):
+        prefer_wide_vectors()  # the block function is inlined here (forceinline): same vectors
         lo = c * {chunk}
         hi = min(lo + {chunk}, n)
         scratch = np.empty(({nstreams}, BLOCK), param.dtype)  # a block cut by a chunk or segment end
@@ -290,7 +291,7 @@ def _build_cpu(rule: Rule, template: str, stem: str, extra_source: str, parallel
     helper = f"{fname}_blocks"  # the noise template's block loop, called from two places
     if helper in py_func.__globals__:
         py_func.__globals__[helper] = njit(cache=cache, fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL,
-                                           nogil=True)(py_func.__globals__[helper])
+                                           nogil=True, forceinline=True)(py_func.__globals__[helper])
     return njit(
         parallel=parallel,
         cache=cache,
