@@ -19,7 +19,8 @@ affected.
   contents and checked before it is unpickled. A file that is truncated, bit-flipped, empty,
   garbage or unreadable (or that unpickles but cannot be loaded) is deleted, a
   :class:`KernelCacheWarning` says so, and the kernel is compiled again and re-cached. Damage
-  never raises and never runs damaged code.
+  never raises and never runs damaged code; neither does a file that cannot be written (a full
+  disk, a directory made read-only after the probe): a warning, and the kernel stays compiled.
 - **Writes**: Numba's (a temporary file, then an atomic rename), so processes sharing the
   directory see whole files or none.
 """
@@ -215,6 +216,14 @@ def _classes():
             super().__init__(py_func)
             self._cache_file = CheckedFile(cache_path=self._cache_path, filename_base=self._impl.filename_base,
                                            source_stamp=self._impl.locator.get_source_stamp())
+
+        def save_overload(self, sig, data):
+            try:
+                super().save_overload(sig, data)
+            except Exception as exc:  # noqa: BLE001 - the kernel is compiled: a failed write must not stop the step
+                warnings.warn(f"fastopt: could not write a compiled kernel of {self._name} to the cache "
+                              f"({type(exc).__name__}: {exc}); it is compiled again in the next process",
+                              KernelCacheWarning, stacklevel=2)
 
         def _load_overload(self, sig, target_context):
             try:
