@@ -108,7 +108,8 @@ def test_selection_covers_every_family_and_every_rule():
 @pytest.mark.slow
 def test_cached_fresh_and_uncached_kernels_agree_bit_for_bit(tmp_path):
     base = {k: v for k, v in os.environ.items() if k not in ("FASTOPT_NO_CACHE", "FASTOPT_CACHE_DIR")}
-    cached_env = {**base, "FASTOPT_CACHE_DIR": str(tmp_path / "cache")}
+    # NUMBA_CACHE_DIR too: a fastopt that ignored FASTOPT_CACHE_DIR would still cache privately
+    cached_env = {**base, "FASTOPT_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
     fresh, fresh_report = _run(tmp_path, "fresh", cached_env)        # compiles, writes the cache
     loaded, loaded_report = _run(tmp_path, "loaded", cached_env)     # loads every kernel from it
     uncached, uncached_report = _run(tmp_path, "uncached", {**base, "FASTOPT_NO_CACHE": "1"})
