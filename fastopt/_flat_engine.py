@@ -74,9 +74,9 @@ def padding_kind(g, index):
 
 @functools.cache
 def _padding_kind():
-    from numba import njit
+    from .kernels import _cache
 
-    return njit(cache=_config.cache_enabled(), error_model=_config.ERROR_MODEL, nogil=True)(padding_kind)
+    return _cache.jit(padding_kind, error_model=_config.ERROR_MODEL, nogil=True)
 
 
 class _Segment:

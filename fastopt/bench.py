@@ -64,10 +64,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from . import _numpy_baseline as nb
-from .kernels import _config
+from .kernels import _cache, _config
 
 #: Steps run before timing: compilation, page faults, and RAdam's switch to its adaptive
 #: phase (step 6 with the default betas).
@@ -184,8 +184,8 @@ def traffic_kernel(k: int, parallel: bool) -> Callable:
     fname = f"traffic_{k}_{'parallel' if parallel else 'serial'}_{digest}"
     namespace = {"np": np, "prange": prange, "CHUNK": _config.CHUNK, "__name__": __name__}
     exec(compile(_traffic_source(k, fname), __file__, "exec"), namespace)  # a real file: Numba can cache it
-    return njit(parallel=parallel, cache=_config.cache_enabled(), fastmath=_config.FASTMATH,
-                error_model=_config.ERROR_MODEL, nogil=True)(namespace[fname])
+    return _cache.jit(namespace[fname], parallel=parallel, fastmath=_config.FASTMATH,
+                      error_model=_config.ERROR_MODEL, nogil=True)
 
 
 def traffic_parallel(k: int, n: int) -> bool:
@@ -242,8 +242,8 @@ def _axpy_serial(x, y, a):
 def axpy_kernel(parallel: bool) -> Callable:
     """``x += a * y`` in place as a Numba kernel (``fastopt info`` runs it to find the threading
     layer; the bench's roofline uses :func:`traffic_kernel`)."""
-    return njit(parallel=parallel, cache=_config.cache_enabled(), fastmath=_config.FASTMATH,
-                error_model=_config.ERROR_MODEL, nogil=True)(_axpy_parallel if parallel else _axpy_serial)
+    return _cache.jit(_axpy_parallel if parallel else _axpy_serial, parallel=parallel, fastmath=_config.FASTMATH,
+                      error_model=_config.ERROR_MODEL, nogil=True)
 
 
 # -- the machine: last-level cache and memory --------------------------------------------

@@ -52,18 +52,16 @@ def threading_info() -> dict:
 
 
 def cache_info() -> dict:
-    """Where Numba caches fastopt's kernels and whether fastopt can write there."""
-    from .kernels import _cache_probe, _config
+    """Where fastopt caches its kernels and whether it can write there."""
+    from .kernels import _cache, _config
 
     out = {"enabled": None, "directory": None, "writable": None,
            "disabled_by_env": os.environ.get("FASTOPT_NO_CACHE", "") not in ("", "0"),
-           "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR") or None}
+           "NUMBA_CACHE_DIR": os.environ.get("NUMBA_CACHE_DIR") or None,
+           "FASTOPT_CACHE_DIR": os.environ.get("FASTOPT_CACHE_DIR") or None}
     try:
-        from numba import njit
-
-        # The probe sits beside the kernels, so Numba's locator picks the kernels' directory.
-        directory = njit(cache=True)(_cache_probe.probe)._cache._cache_path
-    except Exception as exc:  # noqa: BLE001 - numba raises RuntimeError when nothing is writable
+        directory = _cache.cache_dir()
+    except Exception as exc:  # noqa: BLE001 - a report must not crash
         out["error"] = f"{type(exc).__name__}: {exc}"
     else:
         out["directory"] = directory

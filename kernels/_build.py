@@ -34,11 +34,14 @@ hashing and Box-Muller arithmetic overlapping the memory traffic. It prefetches 
 vectors where the CPU has them (``kernels._llvm``). A block cut by a chunk or segment end is
 copied to a scratch block and run through the same function, so every element's numbers come
 from the same code, whatever the chunking, the thread count or the parameter split. The
-noise-free loop is the plain template, unchanged.
+``_blocks`` function is inlined into the kernel (``forceinline``), so a kernel holds all of its
+code and runs the same instructions whether it was compiled in this process or loaded from the
+cache. The noise-free loop is the plain template, unchanged.
 
-The generated source is compiled under this file's name, so Numba's on-disk cache works for
-it; the function name carries a hash of the rule's source file, the template and the compile
-flags (``_config``), so editing any of them never loads a stale cache entry.
+The generated source is compiled under this file's name, so the on-disk cache (``_cache``: a
+per-user directory keyed by fastopt's kernel sources and settings) can stamp it; the function
+name carries a hash of the rule's source file, the template and the compile flags
+(``_config``), so each variant has its own entry.
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ def {fname}(param, grad, {state_args}bounds, table, noise_key, noise_offset):
     offset = np.uint64(noise_offset)  # element i is element offset + i of the noise stream
     nchunks = (n + {chunk} - 1) // {chunk}
     for c in prange(nchunks):
+        prefer_wide_vectors()  # the block function is inlined here (forceinline): same vectors
         lo = c * {chunk}
         hi = min(lo + {chunk}, n)
         scratch = np.empty(({nstreams}, BLOCK), param.dtype)  # a block cut by a chunk or segment end
@@ -280,6 +284,8 @@ def _build_cpu(rule: Rule, template: str, stem: str, extra_source: str, parallel
     built from (``extra_source`` too), and wrap it in a Numba dispatcher."""
     from numba import njit, prange
 
+    from . import _cache
+
     digest = _source_hash(rule, render(rule, template, "{fname}") + extra_source)
     fname = f"{stem}_{'parallel' if parallel else 'serial'}_{digest}"
     element = njit(inline="always", fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL)(
@@ -289,15 +295,14 @@ def _build_cpu(rule: Rule, template: str, stem: str, extra_source: str, parallel
                              {"np": np, "prange": prange, "element": element, **namespace})
     helper = f"{fname}_blocks"  # the noise template's block loop, called from two places
     if helper in py_func.__globals__:
-        py_func.__globals__[helper] = njit(cache=cache, fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL,
-                                           nogil=True)(py_func.__globals__[helper])
-    return njit(
-        parallel=parallel,
-        cache=cache,
-        fastmath=_config.FASTMATH,
-        error_model=_config.ERROR_MODEL,
-        nogil=True,
-    )(py_func)
+        # forceinline: LLVM inlines it into the kernel, so the kernel holds all of its code. A call
+        # instead binds, in the process that compiles, to the helper's own separately optimized
+        # copy and, in one that loads the cache, to the copy linked into the kernel: the two
+        # round differently (found: cached noise kernels differed in the last bits)
+        py_func.__globals__[helper] = _cache.jit(py_func.__globals__[helper], cache=cache, fastmath=_config.FASTMATH,
+                                                 error_model=_config.ERROR_MODEL, nogil=True, forceinline=True)
+    return _cache.jit(py_func, cache=cache, parallel=parallel, fastmath=_config.FASTMATH,
+                      error_model=_config.ERROR_MODEL, nogil=True)
 
 
 def use_parallel(rule: Rule, n: int) -> bool:

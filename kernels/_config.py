@@ -27,8 +27,9 @@ to all of them:
   is ``CUDA_BLOCK * CUDA_REDUCE_ITEMS`` elements, one float64 partial each).
 - ``CUDA_FASTMATH``: ``False``. numba-cuda's fast math is all or nothing (flush-to-zero and
   approximate division and square root); NVVM still contracts ``a * b + c`` into FMA.
-- ``cache_enabled()``: ``cache=True`` where Numba can write a cache; otherwise kernels still
-  compile, without the on-disk cache, and a warning says why.
+- ``cache_enabled()``: whether kernels are kept in fastopt's on-disk cache (``_cache``: a
+  per-user directory, keyed by fastopt's sources and these settings); where it cannot be
+  written, kernels still compile, without it, and a warning says why.
 """
 
 from __future__ import annotations
@@ -51,11 +52,10 @@ _cache_ok: bool | None = None
 
 
 def cache_enabled() -> bool:
-    """Whether kernels are compiled with ``cache=True``.
+    """Whether kernels are cached on disk (``kernels._cache``: a per-user directory).
 
-    Numba raises at decoration time when no cache directory is writable; we probe once with
-    a throw-away function and fall back to uncached compilation with a warning.
-    ``FASTOPT_NO_CACHE=1`` turns the cache off.
+    Probed once: where the cache directory cannot be created or written, kernels still compile,
+    in every process, and a warning says why. ``FASTOPT_NO_CACHE=1`` turns the cache off.
     """
     global _cache_ok
     if _cache_ok is None:
@@ -67,16 +67,14 @@ def cache_enabled() -> bool:
 
 
 def _probe_cache() -> bool:
-    from numba import njit
-
-    from . import _cache_probe
+    from . import _cache
 
     try:
-        njit(cache=True)(_cache_probe.probe)
-    except Exception as exc:  # numba raises RuntimeError, but a broken FS can raise others
+        _cache.ensure_writable()
+    except OSError as exc:
         warnings.warn(
-            f"fastopt: Numba cannot write its kernel cache ({exc}); kernels will be "
-            "compiled in every process. Set NUMBA_CACHE_DIR to a writable directory to fix.",
+            f"fastopt: cannot write its kernel cache ({exc}); kernels will be compiled in every "
+            "process. Set FASTOPT_CACHE_DIR to a writable directory to fix.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -87,13 +87,12 @@ def _kernel(parallel: bool):
     code, not by ``parallel=``: compiled twice from one function, whichever variant was cached
     first would be loaded for both (a parallel kernel running serially). So each variant is a
     copy of the function under its own name."""
-    from numba import njit
+    from . import _cache
 
     suffix = "_parallel" if parallel else "_serial"
     fn = types.FunctionType(sumsq_chunks.__code__, sumsq_chunks.__globals__, sumsq_chunks.__name__ + suffix)
     fn.__qualname__ = sumsq_chunks.__qualname__ + suffix
-    return njit(parallel=parallel, cache=_config.cache_enabled(), fastmath=_config.FASTMATH,
-                error_model=_config.ERROR_MODEL, nogil=True)(fn)
+    return _cache.jit(fn, parallel=parallel, fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL, nogil=True)
 
 
 def sumsq(x: np.ndarray) -> tuple[float, bool]:
