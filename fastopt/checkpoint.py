@@ -32,6 +32,7 @@ import zlib
 
 import numpy as np
 
+from . import _locking
 from .optimizer import Optimizer
 
 #: Version of the checkpoint file layout written by :func:`save`.
@@ -84,6 +85,7 @@ def _contents(opt: Optimizer) -> dict[str, np.ndarray]:
     return arrays
 
 
+@_locking.synchronized_arg(Optimizer)  # holds the optimizer's lock throughout (fastopt._locking)
 def save(opt: Optimizer, path: str | os.PathLike) -> None:
     """Write ``opt``'s parameters, state, hyper-parameters and step to ``path``, atomically.
 
@@ -173,6 +175,7 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
+@_locking.synchronized_arg(Optimizer)  # holds the optimizer's lock throughout (fastopt._locking)
 def load(opt: Optimizer, path: str | os.PathLike) -> None:
     """Restore ``opt`` and its parameters from a checkpoint written by :func:`save`.
 

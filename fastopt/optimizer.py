@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _backend
+from . import _backend, _locking
 from ._flat_engine import FlatEngine, is_flat
 from .kernels import _build
 from .kernels import _hyper as H
@@ -301,6 +301,7 @@ class Optimizer:
                 for slot, g in zip(self._slots, flat)]
 
     # -- the step -----------------------------------------------------------------------
+    @_locking.synchronized  # one thread at a time per optimizer (fastopt._locking)
     def step(self, grads) -> None:
         """Update every parameter in place from its gradient; ``None`` skips a parameter.
 
@@ -352,6 +353,7 @@ class Optimizer:
         return [{"step": s.step, **s.host, **s.buffers} for s in self._slots]
 
     # -- saving and loading -------------------------------------------------------------
+    @_locking.synchronized  # one thread at a time per optimizer (fastopt._locking)
     def state_dict(self) -> dict:
         """A plain dict of NumPy arrays and numbers: hyper-parameters, steps and copies of
         every state buffer, keyed by parameter position (torch's layout). A callable ``lr``
@@ -370,6 +372,7 @@ class Optimizer:
         return {"optimizer": type(self).__name__, "format": STATE_FORMAT, "step_count": self._step_count,
                 "param_groups": groups, "state": state}
 
+    @_locking.synchronized  # one thread at a time per optimizer (fastopt._locking)
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore hyper-parameters, steps and state buffers saved by :meth:`state_dict`.
 

@@ -24,8 +24,12 @@ import functools
 import numpy as np
 
 from .. import _validation
-from . import _build, adadelta, adagrad, adam, adamax, nadam, radam, rmsprop, sgd
-from ._build import Rule
+from . import _threads
+
+_threads.preload_tbb()  # before Numba picks its threading layer: TBB where the tbb package is installed
+
+from . import _build, adadelta, adagrad, adam, adamax, nadam, radam, rmsprop, sgd  # noqa: E402
+from ._build import Rule  # noqa: E402
 
 #: Rule name -> the module that holds its math.
 RULES = {

@@ -28,7 +28,7 @@ import types
 import numpy as np
 from numba import prange
 
-from . import _config
+from . import _config, _threads
 
 
 def sumsq_chunks(x, chunk):
@@ -88,8 +88,9 @@ def _kernel(parallel: bool):
     suffix = "_parallel" if parallel else "_serial"
     fn = types.FunctionType(sumsq_chunks.__code__, sumsq_chunks.__globals__, sumsq_chunks.__name__ + suffix)
     fn.__qualname__ = sumsq_chunks.__qualname__ + suffix
-    return njit(parallel=parallel, cache=_config.cache_enabled(), fastmath=_config.FASTMATH,
-                error_model=_config.ERROR_MODEL, nogil=True)(fn)
+    kernel = njit(parallel=parallel, cache=_config.cache_enabled(), fastmath=_config.FASTMATH,
+                  error_model=_config.ERROR_MODEL, nogil=True)(fn)
+    return _threads.ParallelKernel(kernel, lambda: _kernel(False)) if parallel else kernel  # fork/thread safe
 
 
 def sumsq(x: np.ndarray) -> tuple[float, bool]:
