@@ -52,7 +52,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import _numpy_baseline as nb
-from .kernels import _config
+from .kernels import _config, _threads
 
 #: Steps run before timing: compilation, page faults, and RAdam's switch to its adaptive
 #: phase (step 6 with the default betas).
@@ -113,8 +113,9 @@ def axpy_kernel(parallel: bool) -> Callable:
     below ``PARALLEL_MIN_WORK`` element-streams, so small buffers are compared like with like.
     (Two functions, not one compiled twice: Numba's cache does not key on ``parallel``.)
     """
-    return njit(parallel=parallel, cache=_config.cache_enabled(), fastmath=_config.FASTMATH,
-                error_model=_config.ERROR_MODEL, nogil=True)(_axpy_parallel if parallel else _axpy_serial)
+    kernel = njit(parallel=parallel, cache=_config.cache_enabled(), fastmath=_config.FASTMATH,
+                  error_model=_config.ERROR_MODEL, nogil=True)(_axpy_parallel if parallel else _axpy_serial)
+    return _threads.ParallelKernel(kernel, lambda: axpy_kernel(False)) if parallel else kernel  # fork-safe
 
 
 def measure_bandwidth(n: int, dtype=np.float32, *, repeats: int = REPEATS, min_time: float = MIN_TIME) -> float:

@@ -101,6 +101,15 @@ def case_functional():  # fastopt.kernels.adam_step on the user's own buffers
     return _digest([p, state["exp_avg"], state["exp_avg_sq"]])
 
 
+def case_bench_probe():  # fastopt bench's bandwidth probe, a parallel kernel of its own
+    from fastopt.bench import axpy_kernel
+
+    x, y = _params(5, N, N)
+    for _ in range(STEPS):
+        axpy_kernel(True)(x, y, np.float32(0.5))
+    return _digest([x])
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 

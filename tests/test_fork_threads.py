@@ -9,6 +9,7 @@ layer, under a timeout, so a regression (a killed child, a hung pool) fails inst
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -255,6 +256,21 @@ def test_lock_is_per_optimizer_reentrant_and_renewed_after_fork():
     a, b = fo.SGD([np.zeros(4)], lr=0.1), fo.SGD([np.zeros(4)], lr=0.1)
     assert _locking.lock_of(a) is _locking.lock_of(a)
     assert _locking.lock_of(a) is not _locking.lock_of(b)
+    with _locking.lock_of(a):  # a deep copy (as before there were locks) gets its own, free lock
+        c = copy.deepcopy(a)
+        assert _locking.lock_of(c) is not _locking.lock_of(a)
+        free = []
+
+        def try_c():  # from another thread: a's lock is held, c's must not be
+            lock = _locking.lock_of(c)
+            free.append(lock.acquire(blocking=False))
+            if free[-1]:
+                lock.release()
+
+        t = threading.Thread(target=try_c)
+        t.start()
+        t.join(60)
+        assert free == [True]
     held, release = threading.Event(), threading.Event()
 
     def hold():  # another thread holds a's lock across the fork
