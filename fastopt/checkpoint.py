@@ -101,7 +101,8 @@ def save(opt: Optimizer, path: str | os.PathLike) -> None:
     -----
     The old file at ``path``, if any, is replaced only once the new one is completely
     written and fsynced; a crash at any point leaves one of the two whole. The new file
-    gets the old one's permissions (0o644 if there was none).
+    gets the old one's permissions (0o644 if there was none). It holds ``opt``'s lock until
+    the file is written, so a step from another thread waits and the file holds one step.
     """
     if not isinstance(opt, Optimizer):
         raise TypeError(f"save() takes a fastopt optimizer, got {type(opt).__name__}")

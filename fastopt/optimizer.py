@@ -146,6 +146,14 @@ class Optimizer:
     last_grad_norm : float or None, the global gradient norm of the last step (when computed)
     last_step_skipped : bool, whether ``skip_nonfinite`` skipped the last step
     skipped_steps : int, steps skipped by ``skip_nonfinite``
+
+    Notes
+    -----
+    Threads: ``step``, ``state_dict``, ``load_state_dict``, ``fastopt.save`` and
+    ``fastopt.load`` of one optimizer hold its lock (:mod:`fastopt._locking`), so calls from
+    several threads run one at a time and a state dict or checkpoint holds one step's values.
+    Processes: a forked child steps with its parent's numbers (:mod:`fastopt.kernels._threads`;
+    ``docs/fork_and_threads.md``).
     """
 
     kernel: ModuleType

@@ -15,6 +15,9 @@ For users who manage their own buffers, every rule is also a function here, ``<r
 ``step`` is the 1-based number of this update (bias corrections depend on it); ``host``
 carries rule scalars kept between steps (NAdam's ``mu_product``), created by
 :func:`init_state` under the key ``"host"``.
+
+These functions hold no lock (an optimizer does): buffers shared between threads are the
+caller's to serialize. In a forked child they run as the optimizers do (``_threads``).
 """
 
 from __future__ import annotations
