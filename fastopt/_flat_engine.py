@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _locking
 from .flat import FlatLayout, FlatParams, FlatSelection, aligned_zeros, host_gradient_buffer
 from .kernels import _build, _config
 
@@ -416,6 +417,7 @@ class FlatEngine:
             frozen["eps"] = 1.0
         return frozen
 
+    @_locking.synchronized_on("opt")  # the optimizer's lock (fastopt._locking)
     def step(self, grads) -> None:
         """One update of every tensor in a group, in as few launches as the variants allow."""
         from .optimizer import _checked_plan
@@ -514,6 +516,7 @@ class FlatEngine:
         """The flat state buffers, each wrapped in the parameters' layout (live, not copies)."""
         return {name: FlatParams.from_layout(self.layout, buf) for name, buf in self.buffers.items()}
 
+    @_locking.synchronized_on("opt")  # the optimizer's lock (fastopt._locking)
     def state_dict(self) -> dict:
         """Like :meth:`fastopt.Optimizer.state_dict`, keyed by tensor name."""
         from .optimizer import STATE_FORMAT
@@ -532,6 +535,7 @@ class FlatEngine:
         return {"optimizer": type(opt).__name__, "format": STATE_FORMAT, "step_count": opt._step_count,
                 "param_groups": groups, "state": state}
 
+    @_locking.synchronized_on("opt")  # the optimizer's lock (fastopt._locking)
     def load_state_dict(self, state_dict: dict) -> None:
         """Check ``state_dict`` whole (as the list path does), then copy it in."""
         opt = self.opt

@@ -67,7 +67,7 @@ import numpy as np
 from numba import prange
 
 from . import _numpy_baseline as nb
-from .kernels import _cache, _config
+from .kernels import _cache, _config, _threads
 
 #: Steps run before timing: compilation, page faults, and RAdam's switch to its adaptive
 #: phase (step 6 with the default betas).
@@ -184,8 +184,9 @@ def traffic_kernel(k: int, parallel: bool) -> Callable:
     fname = f"traffic_{k}_{'parallel' if parallel else 'serial'}_{digest}"
     namespace = {"np": np, "prange": prange, "CHUNK": _config.CHUNK, "__name__": __name__}
     exec(compile(_traffic_source(k, fname), __file__, "exec"), namespace)  # a real file: Numba can cache it
-    return _cache.jit(namespace[fname], parallel=parallel, fastmath=_config.FASTMATH,
-                      error_model=_config.ERROR_MODEL, nogil=True)
+    kernel = _cache.jit(namespace[fname], parallel=parallel, fastmath=_config.FASTMATH,
+                        error_model=_config.ERROR_MODEL, nogil=True)
+    return _threads.ParallelKernel(kernel, lambda: traffic_kernel(k, False)) if parallel else kernel  # fork-safe
 
 
 def traffic_parallel(k: int, n: int) -> bool:
@@ -242,8 +243,9 @@ def _axpy_serial(x, y, a):
 def axpy_kernel(parallel: bool) -> Callable:
     """``x += a * y`` in place as a Numba kernel (``fastopt info`` runs it to find the threading
     layer; the bench's roofline uses :func:`traffic_kernel`)."""
-    return _cache.jit(_axpy_parallel if parallel else _axpy_serial, parallel=parallel, fastmath=_config.FASTMATH,
-                      error_model=_config.ERROR_MODEL, nogil=True)
+    kernel = _cache.jit(_axpy_parallel if parallel else _axpy_serial, parallel=parallel, fastmath=_config.FASTMATH,
+                        error_model=_config.ERROR_MODEL, nogil=True)
+    return _threads.ParallelKernel(kernel, lambda: axpy_kernel(False)) if parallel else kernel  # fork-safe
 
 
 # -- the machine: last-level cache and memory --------------------------------------------

@@ -43,6 +43,7 @@ import zipfile
 
 import numpy as np
 
+from . import _locking
 from .optimizer import Optimizer
 
 #: Version of the checkpoint file layout written by :func:`save`.
@@ -100,6 +101,7 @@ def _contents(opt: Optimizer) -> dict[str, np.ndarray]:
     return arrays
 
 
+@_locking.synchronized_arg(Optimizer)  # holds the optimizer's lock throughout (fastopt._locking)
 def save(opt: Optimizer, path: str | os.PathLike) -> None:
     """Write ``opt``'s parameters, state, hyper-parameters and step to ``path``, atomically.
 
@@ -116,7 +118,8 @@ def save(opt: Optimizer, path: str | os.PathLike) -> None:
     -----
     The old file at ``path``, if any, is replaced only once the new one is completely
     written and fsynced; a crash at any point leaves one of the two whole. The new file
-    gets the old one's permissions (0o644 if there was none).
+    gets the old one's permissions (0o644 if there was none). It holds ``opt``'s lock until
+    the file is written, so a step from another thread waits and the file holds one step.
     """
     if not isinstance(opt, Optimizer):
         raise TypeError(f"save() takes a fastopt optimizer, got {type(opt).__name__}")
@@ -437,6 +440,7 @@ def _plan(opt: Optimizer, meta, archive: _Archive) -> tuple[dict, list]:
     return sd, params
 
 
+@_locking.synchronized_arg(Optimizer)  # holds the optimizer's lock throughout (fastopt._locking)
 def load(opt: Optimizer, path: str | os.PathLike) -> None:
     """Restore ``opt`` and its parameters from a checkpoint written by :func:`save`.
 

@@ -27,7 +27,7 @@ def versions() -> dict[str, str | None]:
     from . import __version__
 
     out = {"fastopt": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "numba", "llvmlite", "torch", "numba-cuda", "tqdm", "matplotlib", "scikit-learn"):
+    for dist in ("numpy", "numba", "llvmlite", "tbb", "torch", "numba-cuda", "tqdm", "matplotlib", "scikit-learn"):
         out[dist] = _version(dist)
     return out
 
@@ -38,6 +38,7 @@ def threading_info() -> dict:
     import numpy as np
 
     from .bench import axpy_kernel
+    from .kernels import _threads
 
     out = {"requested_layer": numba.config.THREADING_LAYER, "threads": numba.get_num_threads(),
            "max_threads": numba.config.NUMBA_NUM_THREADS, "cpus": os.cpu_count()}
@@ -45,6 +46,7 @@ def threading_info() -> dict:
         x = np.zeros(4)
         axpy_kernel(True)(x, x.copy(), 1.0)
         out["layer"] = numba.threading_layer()
+        out["fork_safe"] = _threads.fork_safe()  # parallel kernels in a child forked now (else serial there)
     except Exception as exc:  # noqa: BLE001 - a report must not crash on a broken threading layer
         out["layer"] = None
         out["error"] = f"{type(exc).__name__}: {exc}"
@@ -126,7 +128,8 @@ def format_info(info: dict) -> str:
         f"  cpu          {info['cpu']} ({t['cpus']} logical CPUs)",
         f"  platform     {info['platform']}",
         (f"  threading    {layer} layer, {t['threads']} threads (max {t['max_threads']}; "
-         f"NUMBA_THREADING_LAYER={t['requested_layer']})"),
+         f"NUMBA_THREADING_LAYER={t['requested_layer']}"
+         + ("" if t.get("fork_safe", True) else "; forked children run serially: pip install tbb") + ")"),
         (f"  cache        {cache_state}: {c['directory'] or c.get('error')} "
          f"({'writable' if c['writable'] else 'not writable'})"),
         f"  cuda         {gpu}",

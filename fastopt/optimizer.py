@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _backend, _validation
+from . import _backend, _locking, _validation
 from ._flat_engine import FlatEngine, is_flat
 from .kernels import _build
 from .kernels import _hyper as H
@@ -221,6 +221,14 @@ class Optimizer:
     last_grad_norm : float or None, the global gradient norm of the last step (when computed)
     last_step_skipped : bool, whether ``skip_nonfinite`` skipped the last step
     skipped_steps : int, steps skipped by ``skip_nonfinite``
+
+    Notes
+    -----
+    Threads: ``step``, ``state_dict``, ``load_state_dict``, ``fastopt.save`` and
+    ``fastopt.load`` of one optimizer hold its lock (:mod:`fastopt._locking`), so calls from
+    several threads run one at a time and a state dict or checkpoint holds one step's values.
+    Processes: a forked child steps with its parent's numbers (:mod:`fastopt.kernels._threads`;
+    ``docs/fork_and_threads.md``).
     """
 
     kernel: ModuleType
@@ -438,6 +446,7 @@ class Optimizer:
                 for slot, g in zip(self._slots, flat)]
 
     # -- the step -----------------------------------------------------------------------
+    @_locking.synchronized  # one thread at a time per optimizer (fastopt._locking)
     def step(self, grads) -> None:
         """Update every parameter in place from its gradient; ``None`` skips a parameter.
 
@@ -520,6 +529,7 @@ class Optimizer:
         return [{"step": s.step, **s.host, **s.buffers} for s in self._slots]
 
     # -- saving and loading -------------------------------------------------------------
+    @_locking.synchronized  # one thread at a time per optimizer (fastopt._locking)
     def state_dict(self) -> dict:
         """A plain dict of NumPy arrays and numbers: hyper-parameters, steps and copies of
         every state buffer, keyed by parameter position (torch's layout). A callable ``lr``
@@ -550,6 +560,7 @@ class Optimizer:
         return {"optimizer": type(self).__name__, "format": STATE_FORMAT, "step_count": self._step_count,
                 "param_groups": groups, "state": state}
 
+    @_locking.synchronized  # one thread at a time per optimizer (fastopt._locking)
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore hyper-parameters, steps and state buffers saved by :meth:`state_dict`.
 

@@ -15,6 +15,9 @@ For users who manage their own buffers, every rule is also a function here, ``<r
 ``step`` is the 1-based number of this update (bias corrections depend on it); ``host``
 carries rule scalars kept between steps (NAdam's ``mu_product``), created by
 :func:`init_state` under the key ``"host"``.
+
+These functions hold no lock (an optimizer does): buffers shared between threads are the
+caller's to serialize. In a forked child they run as the optimizers do (``_threads``).
 """
 
 from __future__ import annotations
@@ -26,8 +29,12 @@ import numbers
 import numpy as np
 
 from .. import _validation
-from . import _build, adadelta, adagrad, adam, adamax, nadam, radam, rmsprop, sgd
-from ._build import Rule
+from . import _threads
+
+_threads.preload_tbb()  # before Numba picks its threading layer: TBB where the tbb package is installed
+
+from . import _build, adadelta, adagrad, adam, adamax, nadam, radam, rmsprop, sgd  # noqa: E402
+from ._build import Rule  # noqa: E402
 
 #: Rule name -> the module that holds its math.
 RULES = {

@@ -54,7 +54,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import _config
+from . import _config, _threads
 
 #: Columns every table starts with, before the rule's own scalars.
 GENERIC_COLUMNS = ("grad_scale",)
@@ -239,8 +239,10 @@ def compile_source(source: str, fname: str, namespace: dict) -> Callable:
 
 @functools.cache
 def cpu_kernel(rule: Rule, parallel: bool):
-    """The compiled CPU kernel for ``rule`` (lazily specialised per dtype by Numba)."""
-    return build_cpu_kernel(rule, parallel, _config.cache_enabled())
+    """The compiled CPU kernel for ``rule`` (lazily specialised per dtype by Numba); a parallel one
+    is wrapped in a :class:`~fastopt.kernels._threads.ParallelKernel` (fork and thread safety)."""
+    kernel = build_cpu_kernel(rule, parallel, _config.cache_enabled())
+    return _threads.ParallelKernel(kernel, lambda: cpu_kernel(rule, False)) if parallel else kernel
 
 
 def build_cpu_kernel(rule: Rule, parallel: bool, cache: bool):
@@ -253,8 +255,10 @@ def build_cpu_kernel(rule: Rule, parallel: bool, cache: bool):
 def cpu_noise_kernel(rule: Rule, parallel: bool, dtype: np.dtype):
     """The CPU kernel of ``rule`` with gradient noise, for buffers of ``dtype``:
     ``kernel(param, grad, *states, bounds, table, noise_key, noise_offset)``; ``table`` has
-    the noise standard deviation in column ``rule.ncols``."""
-    return build_cpu_noise_kernel(rule, parallel, dtype, _config.cache_enabled())
+    the noise standard deviation in column ``rule.ncols``. A parallel one is wrapped as in
+    :func:`cpu_kernel`."""
+    kernel = build_cpu_noise_kernel(rule, parallel, dtype, _config.cache_enabled())
+    return _threads.ParallelKernel(kernel, lambda: cpu_noise_kernel(rule, False, dtype)) if parallel else kernel
 
 
 def build_cpu_noise_kernel(rule: Rule, parallel: bool, dtype: np.dtype, cache: bool):

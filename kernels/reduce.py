@@ -30,7 +30,7 @@ import types
 import numpy as np
 from numba import prange
 
-from . import _config
+from . import _config, _threads
 
 _MAX = np.finfo(np.float64).max  # |x| <= _MAX is False exactly for NaN and +-inf
 
@@ -92,7 +92,8 @@ def _kernel(parallel: bool):
     suffix = "_parallel" if parallel else "_serial"
     fn = types.FunctionType(sumsq_chunks.__code__, sumsq_chunks.__globals__, sumsq_chunks.__name__ + suffix)
     fn.__qualname__ = sumsq_chunks.__qualname__ + suffix
-    return _cache.jit(fn, parallel=parallel, fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL, nogil=True)
+    kernel = _cache.jit(fn, parallel=parallel, fastmath=_config.FASTMATH, error_model=_config.ERROR_MODEL, nogil=True)
+    return _threads.ParallelKernel(kernel, lambda: _kernel(False)) if parallel else kernel  # fork/thread safe
 
 
 def sumsq(x: np.ndarray) -> tuple[float, bool]:

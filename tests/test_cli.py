@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from fastopt import cli
+from fastopt.kernels import _threads
 
 
 def run_cli(capsys, *argv):
@@ -48,6 +49,7 @@ def test_info_json(capsys):
     assert info["versions"]["numba"] == numba.__version__
     assert info["threading"]["threads"] == numba.get_num_threads()
     assert info["threading"]["layer"] in ("tbb", "omp", "workqueue")
+    assert info["threading"]["fork_safe"] == (info["threading"]["layer"] not in _threads.FORK_UNSAFE)
     assert isinstance(info["cache"]["enabled"], bool)
     assert info["cuda"]["available"] in (True, False)
     if not info["cuda"]["available"]:
