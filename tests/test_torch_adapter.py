@@ -626,7 +626,7 @@ def test_tensor_lr_and_torch_only_flags():
     """torch's spellings: a 0-d tensor lr, and ``foreach``/``fused`` (accepted; the kernel is fused)."""
     model = make_model()
     tmodel = twin(model)
-    opt = fot.Adam(model.parameters(), lr=torch.tensor(0.01), foreach=True, fused=None)
+    opt = fot.Adam(model.parameters(), lr=torch.tensor(0.01, dtype=torch.float64), foreach=True, fused=None)
     topt = torch.optim.Adam(tmodel.parameters(), lr=0.01, foreach=False)
     x, y = data(torch.float64)
     for _ in range(5):
