@@ -15,7 +15,7 @@ The model: an MLP of 10 ``nn.Linear(1000, 1000)`` layers, 20 tensors, 1.0e7 para
 
 pytest-benchmark times contenders one after another; on a shared machine
 ``FASTOPT_BENCH_FULL=1 python bench/test_bench_torch_adapter.py`` times them round-robin per
-rule and prints the medians and ratios.
+rule and prints the medians and ratios (``--threads N`` gives torch and Numba N threads each).
 """
 
 from __future__ import annotations
@@ -107,6 +107,13 @@ def interleaved(rule: str, rounds: int = 15, block: int = 4) -> dict[str, float]
 
 
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--threads"]:  # the same thread count for both runtimes (a loaded machine)
+        import numba
+
+        torch.set_num_threads(int(sys.argv[2]))
+        numba.set_num_threads(int(sys.argv[2]))
     print(f"MLP {DEPTH}x Linear({WIDTH}, {WIDTH}): {NTENSORS} tensors, {NPARAMS:,} float32 parameters, "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads")
     for rule in RULES:
