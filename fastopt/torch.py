@@ -65,6 +65,10 @@ _FLOATS = (torch.float32, torch.float64)
 _LOW_PRECISION = tuple(getattr(torch, n) for n in ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
                        if hasattr(torch, n))
 _strided = torch.strided
+# Mark tensors as modified in place (autograd's version counters): one call for a list of
+# tensors; torch.autograd.graph.increment_version is the public, slower, per-tensor spelling.
+_increment_version = getattr(torch._C, "_increment_version", None) or (
+    lambda tensors: [torch.autograd.graph.increment_version(t) for t in tensors])
 
 
 def _describe_dtype_error(t: torch.Tensor, what: str) -> TypeError:
@@ -374,7 +378,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         grads, stepped = self._grads()
         self._inner.step(grads)
         if stepped:
-            torch._C._increment_version(stepped)  # as an in-place update by torch would
+            _increment_version(stepped)  # as an in-place update by torch would
         return loss
 
     # -- state ------------------------------------------------------------------------
