@@ -57,13 +57,17 @@ def _keys(opt) -> list[list[Any]]:
     return [[slot.index for slot in slots] for slots in opt._group_slots]
 
 
-def to_torch_state_dict(opt: Optimizer) -> dict:
+def to_torch_state_dict(opt: Optimizer, *, fastopt_options: bool = False) -> dict:
     """``opt``'s state in ``torch.optim``'s ``state_dict`` format.
 
     Parameters
     ----------
     opt : fastopt.Optimizer
         Any fastopt optimizer, over arrays or over a FlatParams.
+    fastopt_options : bool
+        Write fastopt-only options (``momentum_init``, ``eps_inside_sqrt``) into the groups,
+        whatever their values, instead of refusing values torch lacks (``fastopt.torch``'s
+        checkpoints: ``torch.optim`` ignores the extra keys).
 
     Returns
     -------
@@ -78,7 +82,7 @@ def to_torch_state_dict(opt: Optimizer) -> dict:
     ------
     ValueError
         If a group uses an option torch lacks (``momentum_init="zero"``,
-        ``eps_inside_sqrt=True``).
+        ``eps_inside_sqrt=True``) and ``fastopt_options`` is false.
     """
     _check_optimizer(opt)
     torch = _import_torch()
@@ -91,7 +95,7 @@ def to_torch_state_dict(opt: Optimizer) -> dict:
         for key, value in saved.items():
             if key == "params":
                 continue
-            if key in FASTOPT_ONLY:
+            if key in FASTOPT_ONLY and not fastopt_options:
                 if value != FASTOPT_ONLY[key]:
                     raise ValueError(f"param group {gi} has {key}={value!r}, which torch.optim has no "
                                      f"equivalent of (only {key}={FASTOPT_ONLY[key]!r} can be converted)")
@@ -143,7 +147,7 @@ def _array(torch, value, like: np.ndarray, where: str) -> np.ndarray:
     return np.array(value, dtype=like.dtype)  # torch casts state to the parameter's dtype too
 
 
-def from_torch_state_dict(opt: Optimizer, state_dict: dict) -> None:
+def from_torch_state_dict(opt: Optimizer, state_dict: dict, *, fastopt_options: bool = False) -> None:
     """Load a ``torch.optim`` ``state_dict`` into ``opt`` (state and hyper-parameters).
 
     Parameters
@@ -153,6 +157,9 @@ def from_torch_state_dict(opt: Optimizer, state_dict: dict) -> None:
         same groups and order as the torch optimizer's.
     state_dict : dict
         ``torch_optimizer.state_dict()``.
+    fastopt_options : bool
+        Read fastopt-only options from the groups where present (what
+        ``to_torch_state_dict(..., fastopt_options=True)`` writes) instead of keeping ``opt``'s.
 
     Notes
     -----
@@ -183,7 +190,7 @@ def from_torch_state_dict(opt: Optimizer, state_dict: dict) -> None:
         for key in kernel.CHECKS:
             if key == "lr" and callable(group["lr"]):
                 hp[key] = None  # keep the schedule (load_state_dict reads None so)
-            elif key in tg and key not in FASTOPT_ONLY:
+            elif key in tg and (fastopt_options or key not in FASTOPT_ONLY):
                 value = tg[key]
                 hp[key] = tuple(_scalar(v) for v in value) if key == "betas" else _scalar(value)
             else:
