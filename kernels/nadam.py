@@ -26,11 +26,12 @@ from . import _hyper as H
 from ._build import Rule
 
 
-def nadam_element(p, g, m, v, l2, decay, one_minus_beta1, beta2, one_minus_beta2,
+def nadam_element(p, g, m, v, l2, decay, one_minus_beta1, beta1, beta2, one_minus_beta2,
                   inv_bias_correction2, eps, grad_coef, exp_avg_coef):
     g = g + l2 * p
     p = p * decay
-    m = m + one_minus_beta1 * (g - m)
+    d = g - m  # torch's lerp: exact at both ends (m + w*d loses m's bits when w is near 1)
+    m = m + one_minus_beta1 * d if one_minus_beta1 < beta1 else g - d * beta1
     v = beta2 * v + one_minus_beta2 * g * g
     denom = math.sqrt(v * inv_bias_correction2) + eps
     p = p + grad_coef * (g / denom)
@@ -39,7 +40,7 @@ def nadam_element(p, g, m, v, l2, decay, one_minus_beta1, beta2, one_minus_beta2
 
 
 NADAM = Rule("nadam", nadam_element, ("exp_avg", "exp_avg_sq"),
-             ("l2", "decay", "one_minus_beta1", "beta2", "one_minus_beta2", "inv_bias_correction2",
+             ("l2", "decay", "one_minus_beta1", "beta1", "beta2", "one_minus_beta2", "inv_bias_correction2",
               "eps", "grad_coef", "exp_avg_coef"))
 RULES = (NADAM,)
 
@@ -77,6 +78,7 @@ def plan(hp: dict, step: int, host: dict):
         0.0 if decoupled else wd,
         1.0 - lr * wd if decoupled else 1.0,
         1.0 - beta1,
+        beta1,
         beta2,
         1.0 - beta2,
         1.0 / (1.0 - beta2**step),
