@@ -27,10 +27,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastopt.torch as fot  # noqa: E402
+from fastopt import bench  # noqa: E402
+
+STATE_BUFFERS = 2  # exp_avg and exp_avg_sq, for each of the rules below
 
 FULL = os.environ.get("FASTOPT_BENCH_FULL", "") not in ("", "0")
 WIDTH, DEPTH = (1000, 10) if FULL else (100, 10)
-BYTES = {"adam": 28, "nadam": 28, "radam": 28}  # per float32 parameter: reads p, g, m, v; writes p, m, v
+BYTES = {rule: bench.bytes_per_param(STATE_BUFFERS) for rule in ("adam", "nadam", "radam")}  # 28 per float32
 RULES = {"adam": "Adam", "nadam": "NAdam", "radam": "RAdam"}
 OPTIONS = {"adam": dict(lr=1e-3), "nadam": dict(lr=1e-3), "radam": dict(lr=1e-3)}
 
@@ -76,11 +79,12 @@ CASES = [(rule, impl) for rule in RULES for impl in contenders(rule)]
 @pytest.mark.parametrize("rule,impl", CASES, ids=[f"{r}-{i}" for r, i in CASES])
 def test_step(benchmark, rule, impl):
     benchmark.group = f"torch-adapter|{rule}|{NTENSORS} tensors|{NPARAMS:.1e} params"
-    benchmark.extra_info.update(params=NPARAMS, tensors=NTENSORS, bytes_per_step=BYTES[rule] * NPARAMS)
+    benchmark.extra_info.update(tensors=NTENSORS, bytes_per_step=BYTES[rule] * NPARAMS)
     step = setup(rule, impl)
     for _ in range(6):  # compile, fault pages in, take RAdam past its SGD-like first steps
         step()
     benchmark(step)
+    bench.record_throughput(benchmark, NPARAMS, state_buffers=STATE_BUFFERS)
 
 
 def interleaved(rule: str, rounds: int = 15, block: int = 4) -> dict[str, float]:

@@ -98,8 +98,9 @@ def venv():
 
 
 def _pip(venv, *args):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # pip must see the venv's fastopt only
     proc = subprocess.run([venv["python"], "-m", "pip", "--disable-pip-version-check", "-q", *args],
-                          capture_output=True, text=True, timeout=TIMEOUT)
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

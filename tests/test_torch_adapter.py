@@ -583,16 +583,22 @@ def test_step_errors_change_nothing(spoil, error, match):
     train_step(model, opt, x, y)
     opt.zero_grad()
     loss_of(model, x, y).backward()
-    if spoil is STEP_ERRORS[-1][1]:
+    # the snapshot comes first: with an invalid option state_dict() raises too (it could not be loaded)
+    state = {i: {k: v.clone() for k, v in s.items()} for i, s in opt.state_dict()["state"].items()}
+    edit_lr = spoil is STEP_ERRORS[-1][1]
+    if edit_lr:
         opt.param_groups[1]["lr"] = -1.0
     else:
         spoil(model[2].weight)  # the last group's: the first group must not have moved either
     params = [p.detach().clone() for p in model.parameters()]
-    state = opt.state_dict()["state"]
     with pytest.raises(error, match=match):
         opt.step()
     for p, b in zip(model.parameters(), params):
         assert torch.equal(p, b)
+    if edit_lr:
+        with pytest.raises(ValueError, match="learning rate"):
+            opt.state_dict()
+        opt.param_groups[1]["lr"] = 0.01
     after = opt.state_dict()["state"]
     for i in state:
         for k in state[i]:
