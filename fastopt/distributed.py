@@ -74,7 +74,7 @@ import numpy as np
 from ._validation import check_array_type
 from .flat import FlatLayout, FlatParams, FlatSelection, aligned_zeros, host_gradient_buffer
 from .kernels import reduce
-from .optimizer import Optimizer
+from .optimizer import Optimizer, _checked_plan
 from .transforms import GradTransforms, clip_coefficient
 
 __all__ = ["ShardedOptimizer", "abort_on_exception", "agree", "shard_bounds"]
@@ -498,12 +498,13 @@ class ShardedOptimizer:
             if not isinstance(group, dict) or group.get("params") is not selection:
                 raise ValueError(f"param group {gi}'s params were replaced; a ShardedOptimizer's groups keep "
                                  "the tensors they were built with")
-        hps = [opt._resolve(gi) for gi in range(len(param_groups))]  # validated, the schedule evaluated
+        hps = opt._hypers()  # validated, the schedule evaluated (the optimizer's own step checks again)
         hyper = {}
         for gi, hp in enumerate(hps):
             hyper.update({f"param group {gi} {k}": hp[k] for k in kernel.CHECKS})
+        dtype = self.flat.dtype
         for cohort in opt._flat.cohorts:  # the plan the update will use (it raises on bad loaded state)
-            kernel.plan(hps[cohort.group], cohort.step + 1, dict(cohort.host))
+            _checked_plan(kernel.plan, hps[cohort.group], cohort.step + 1, dict(cohort.host), dtype, cohort.group)
         return g, common, hyper
 
     def step(self, local_grads) -> None:

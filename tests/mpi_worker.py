@@ -351,13 +351,10 @@ def _fault_cases():
         return {"error": _outcome(lambda: ShardedOptimizer(cls, groups(flat), comm, **options))}
 
     def schedule(bad_value):
-        """A schedule that turns bad on the faulty rank after its first call (at construction)."""
+        """A schedule that is bad on the faulty rank (construction does not call it)."""
         def make(bad):
-            calls = []
-
             def lr(step):
-                calls.append(step)
-                return bad_value(step) if bad and len(calls) > 1 else 0.01
+                return bad_value(step) if bad else 0.01
             return lr
         return make
 
