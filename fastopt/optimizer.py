@@ -27,9 +27,6 @@ STATE_FORMAT = 1
 MAX_STEP = 2**53
 
 
-_LIMITS = {np.dtype(np.float32): float(np.finfo(np.float32).max), np.dtype(np.float64): float(np.finfo(np.float64).max)}
-
-
 class _Slot:
     """One parameter and everything its update needs, allocated once."""
 
@@ -40,7 +37,7 @@ class _Slot:
         self.param = param
         self.backend = backend
         self.shape, self.dtype = backend.shape_dtype(param)
-        self.limit = _LIMITS.get(np.dtype(self.dtype), _LIMITS[np.dtype(np.float64)])  # largest finite scalar
+        self.limit = H.largest(self.dtype)  # the largest finite scalar the kernel can read
         self.flat = backend.flat(param)
         self.buffers: dict[str, np.ndarray] = {}
         self.flat_buffers: dict[str, np.ndarray] = {}
@@ -162,22 +159,7 @@ def _check_lr_value(value) -> float:
 
 
 
-def _checked_plan(plan, hp: dict, step: int, host: dict, dtype, where) -> tuple:
-    """``plan(hp, step, host)`` whose every scalar is finite in ``dtype`` (what the kernel
-    reads after the cast), else a ValueError naming the parameter and the scalar."""
-    try:
-        rule, scalars = plan(hp, step, host)
-    except (ArithmeticError, ValueError) as exc:  # OverflowError, ZeroDivisionError, math domain
-        raise ValueError(f"parameter {where!r}: update {step} cannot be computed from these hyper-parameters "
-                         f"and state ({type(exc).__name__}: {exc})") from None
-    limit = _LIMITS.get(dtype, _LIMITS[np.dtype(np.float64)])
-    for x in scalars:
-        if not -limit <= x <= limit:
-            name = rule.scalars[scalars.index(x)] if x == x else "a scalar"
-            raise ValueError(f"parameter {where!r}: update {step} has a non-finite {name} ({x!r} in {dtype}): "
-                             "the hyper-parameters or the loaded state (step, host scalars) overflow; "
-                             "nothing was changed")
-    return rule, scalars
+_checked_plan = H.checked_plan  # the flat engine and the sharded optimizer plan through it too
 
 
 class Optimizer:

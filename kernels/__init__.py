@@ -35,6 +35,7 @@ _threads.preload_tbb()  # before Numba picks its threading layer: TBB where the 
 
 from . import _build, adadelta, adagrad, adam, adamax, nadam, radam, rmsprop, sgd  # noqa: E402
 from ._build import Rule  # noqa: E402
+from ._hyper import checked_plan, largest  # noqa: E402
 
 #: Rule name -> the module that holds its math.
 RULES = {
@@ -77,7 +78,6 @@ def init_state(rule: str, param: np.ndarray, **hyper) -> dict:
 
 
 #: The largest finite value of each float dtype, as a Python float.
-_LARGEST = {t: float(np.finfo(t).max) for t in (np.float32, np.float64)}
 
 
 def _check_grad_scale(grad_scale) -> float:
@@ -155,11 +155,7 @@ def update(rule: str, param, grad, state: dict, *, step: int, grad_scale: float 
     _validation.check_param(param, "param")
     _validation.check_grad(grad, param, "grad")
     host = _check_host(module, state.get("host"))
-    try:
-        selected, scalars = module.plan(hp, int(step), host)
-    except (ArithmeticError, ValueError) as exc:
-        raise ValueError(f"{rule} step {step} with these hyper-parameters and host state has no finite "
-                         f"update ({exc})") from None
+    selected, scalars = checked_plan(module.plan, hp, int(step), host, param.dtype, "param")
     buffers = []
     for name in selected.state:
         if name not in state:
@@ -172,12 +168,8 @@ def update(rule: str, param, grad, state: dict, *, step: int, grad_scale: float 
         buffers.append(_validation.flat_view(buf, param.size))
     _validation.check_no_overlap([param, grad] + [state[n] for n in selected.state],
                                  ["param", "grad"] + [f"state[{n!r}]" for n in selected.state])
-    limit = _LARGEST[param.dtype.type]  # every scalar must be finite in the buffers' dtype
-    bad = [name for name, x in zip(("grad_scale",) + selected.scalars, (grad_scale,) + tuple(scalars))
-           if not abs(x) <= limit]
-    if bad:
-        raise ValueError(f"{rule} step {step}: {', '.join(bad)} is not finite in {param.dtype} "
-                         "(a hyper-parameter, grad_scale or host state out of range)")
+    if not grad_scale <= largest(param.dtype):  # the plan's scalars were checked by checked_plan
+        raise ValueError(f"grad_scale {grad_scale!r} is not finite in {param.dtype}")
     table = np.empty((1, selected.ncols), dtype=param.dtype)
     table[0, 0] = -grad_scale if hp["maximize"] else grad_scale
     table[0, 1:] = scalars

@@ -126,3 +126,32 @@ def validate(hp: dict, checks: dict) -> dict:
     if unknown:
         raise TypeError(f"unknown hyper-parameter(s) {', '.join(unknown)}; expected some of {', '.join(checks)}")
     return {name: checks[name](name, value) for name, value in hp.items()}
+
+
+#: The largest finite scalar of each buffer dtype (a plan's scalars are cast to it).
+LARGEST = {np.dtype(np.float32): float(np.finfo(np.float32).max), np.dtype(np.float64): float(np.finfo(np.float64).max)}
+
+
+def largest(dtype) -> float:
+    """The largest finite value of ``dtype`` (float64's for any other dtype)."""
+    return LARGEST.get(np.dtype(dtype), LARGEST[np.dtype(np.float64)])
+
+
+def checked_plan(plan, hp: dict, step: int, host: dict, dtype, where) -> tuple:
+    """``plan(hp, step, host)`` whose every scalar is finite in ``dtype`` (what the kernel
+    reads after the cast), else a ValueError naming ``where`` (the parameter) and the scalar.
+    Used by every path that launches a kernel (the optimizers, the flat engine, the sharded
+    optimizer's checks and ``fastopt.kernels.update``), before anything changes."""
+    try:
+        rule, scalars = plan(hp, step, host)
+    except (ArithmeticError, ValueError) as exc:  # OverflowError, ZeroDivisionError, math domain
+        raise ValueError(f"parameter {where!r}: update {step} cannot be computed from these hyper-parameters "
+                         f"and state, it has no finite value ({type(exc).__name__}: {exc})") from None
+    limit = largest(dtype)
+    for x in scalars:
+        if not -limit <= x <= limit:
+            name = rule.scalars[scalars.index(x)] if x == x else "a scalar"
+            raise ValueError(f"parameter {where!r}: update {step} has a non-finite {name} ({x!r} in {dtype}): "
+                             "the hyper-parameters or the loaded state (step, host scalars) overflow; "
+                             "nothing was changed")
+    return rule, scalars
