@@ -35,7 +35,7 @@ _threads.preload_tbb()  # before Numba picks its threading layer: TBB where the 
 
 from . import _build, adadelta, adagrad, adam, adamax, nadam, radam, rmsprop, sgd  # noqa: E402
 from ._build import Rule  # noqa: E402
-from ._hyper import checked_plan, largest  # noqa: E402
+from ._hyper import checked_plan, largest, nonneg  # noqa: E402
 
 #: Rule name -> the module that holds its math.
 RULES = {
@@ -75,19 +75,6 @@ def init_state(rule: str, param: np.ndarray, **hyper) -> dict:
     state = {name: np.full_like(param, value, subok=False) for name, value in module.buffers(hp).items()}
     state["host"] = getattr(module, "host_state", dict)()
     return state
-
-
-#: The largest finite value of each float dtype, as a Python float.
-
-
-def _check_grad_scale(grad_scale) -> float:
-    if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real):
-        raise TypeError(f"grad_scale must be a real number, got {type(grad_scale).__name__} {grad_scale!r}")
-    value = float(grad_scale)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"Invalid grad_scale value: {value} (must be a finite number >= 0; "
-                         "use maximize=True to ascend)")
-    return value
 
 
 def _check_host(module, host) -> dict:
@@ -149,7 +136,7 @@ def update(rule: str, param, grad, state: dict, *, step: int, grad_scale: float 
         check(hp)
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
         raise ValueError(f"step must be an integer >= 1 (the number of this update), got {step!r}")
-    grad_scale = _check_grad_scale(grad_scale)
+    grad_scale = nonneg("grad_scale", grad_scale)  # finite, >= 0 (maximize=True ascends)
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict of buffers (see init_state), got {type(state).__name__}")
     _validation.check_param(param, "param")
